@@ -1,0 +1,58 @@
+"""The HTTP layer: one router per resource, one error shape; no business logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from unik import __version__
+from unik.api import images, info, instances, volumes
+from unik.api.errors import ERROR_RESPONSES, install_error_handlers
+from unik.manager import Manager
+from unik.models import HubConfig, RunInstanceRequest
+
+
+def create_app(manager: Manager) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        monitor = asyncio.create_task(manager.monitor())
+        try:
+            yield
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+
+    app = FastAPI(
+        title="unik daemon",
+        version=__version__,
+        description="Compile applications into micro-VM images and run them (the UniK REST API).",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+    )
+    app.state.manager = manager
+    install_error_handlers(app)
+    for router in (info.router, images.router, instances.router, volumes.router):
+        app.include_router(router)
+    _publish_body_schemas(app)
+    return app
+
+
+def _publish_body_schemas(app: FastAPI) -> None:
+    """Bodies read by hand (no Content-Type from the Go client) still belong in /openapi.json."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["RunInstanceRequest"] = RunInstanceRequest.model_json_schema()
+        components["HubConfig"] = HubConfig.model_json_schema()
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

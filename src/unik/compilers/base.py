@@ -1,0 +1,76 @@
+"""The Compiler interface: sources in a folder → an app tree for the guest's root filesystem."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unik.errors import BadRequest
+
+
+@dataclass
+class AppBundle:
+    """What a compiler produces: a folder laid out like the guest's `/`, and how to start the app."""
+
+    root: Path
+    entrypoint: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    # Kernel modules (beyond the base set) the app needs in the guest.
+    modules: list[str] = field(default_factory=list)
+
+
+class Compiler(ABC):
+    base: str
+    language: str
+    provider: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.base}-{self.language}-{self.provider}"
+
+    @abstractmethod
+    def description(self) -> str:
+        """How a user lays out a project for this compiler (served by /describe_compiler)."""
+
+    @abstractmethod
+    def missing_toolchain(self) -> str | None:
+        """None when the host can build; otherwise what to install."""
+
+    @abstractmethod
+    async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
+        """Build the app found in `source`; scratch space and output go under `work`."""
+
+
+async def run_tool(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run a toolchain command; its own error output becomes a 400 for the user."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        _kill_group(proc.pid)
+        await proc.wait()
+        raise BadRequest(f"build timed out after {timeout:.0f} s: {' '.join(argv)}") from None
+    except asyncio.CancelledError:
+        _kill_group(proc.pid)
+        raise
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        raise BadRequest(f"build failed ({' '.join(argv)} exited with {proc.returncode}):\n{text[-8000:]}")
+    return text
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, 9)

@@ -1,0 +1,130 @@
+"""linux-c-<provider>: a C program built statically with musl, run as the guest's only program."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import struct
+from pathlib import Path
+
+from unik.compilers.base import AppBundle, Compiler, run_tool
+from unik.errors import BadRequest
+
+GUEST_APP = "unik/app"
+
+DESCRIPTION = """\
+linux-c: a C program on a Linux micro-VM (built statically with musl-gcc on the daemon's host).
+
+Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs it for you):
+  * Without a Makefile: every *.c file in the folder (and its sub-folders) is compiled and
+    linked into one static program:  musl-gcc -static -O2 -I. *.c -lm
+    Put exactly one main() among them.
+  * With a Makefile at the top: `make CC=musl-gcc` runs there. Its default target must
+    produce an executable named `app` at the top of the folder (or exactly one new
+    executable file). Link it statically (LDFLAGS=-static is passed; add it if you set
+    LDFLAGS yourself): the guest has no shared libraries.
+  * Only musl's C library is available: no other libraries are installed for the build.
+The program is the guest's only process. Its stdout and stderr are the instance's logs
+(`unik logs`). The build's `--args` are its default arguments; `unik run --env K=V` sets
+its environment. When it exits the VM powers off and the instance reads `stopped`; the
+log ends with `unik: exit status N`. A graceful `unik stop` sends it SIGTERM first.
+Volumes given at build with --mountpoints are mounted at those paths before it starts.
+"""
+
+
+class LinuxCCompiler(Compiler):
+    base = "linux"
+    language = "c"
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+
+    def description(self) -> str:
+        return DESCRIPTION
+
+    def missing_toolchain(self) -> str | None:
+        if shutil.which("musl-gcc") is None:
+            return "musl-gcc is not installed (Debian package musl-tools; `make setup` installs it)"
+        return None
+
+    async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
+        project = project_root(source)
+        work.mkdir(parents=True, exist_ok=True)
+        if (project / "Makefile").exists() or (project / "makefile").exists():
+            binary = await self._make(project, timeout)
+        else:
+            sources = sorted(
+                str(p.relative_to(project))
+                for p in project.rglob("*.c")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(project).parts)
+            )
+            if not sources:
+                raise BadRequest("no C sources found: the archive has no *.c file and no Makefile")
+            binary = work / "app"
+            await run_tool(
+                ["musl-gcc", "-static", "-O2", "-I.", "-o", str(binary), *sources, "-lm"],
+                cwd=project,
+                timeout=timeout,
+            )
+        require_static_elf(binary)
+        root = work / "root"
+        (root / "unik").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(binary, root / GUEST_APP)
+        (root / GUEST_APP).chmod(0o755)
+        return AppBundle(root=root, entrypoint=["/" + GUEST_APP])
+
+    async def _make(self, project: Path, timeout: float) -> Path:
+        before = set(_executables(project))
+        await run_tool(["make", "CC=musl-gcc", "LDFLAGS=-static"], cwd=project, timeout=timeout)
+        app = project / "app"
+        if app.is_file():
+            return app
+        new = sorted(set(_executables(project)) - before)
+        if len(new) != 1:
+            found = ", ".join(str(p.relative_to(project)) for p in new) or "none"
+            raise BadRequest(
+                f"the Makefile must produce an executable named `app` (or exactly one new executable); found: {found}"
+            )
+        return new[0]
+
+
+def project_root(source: Path) -> Path:
+    """An archive of one top-level folder (tar czf x.tgz myapp/) is that folder's project."""
+    entries = [p for p in source.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return entries[0]
+    return source
+
+
+def _executables(folder: Path) -> list[Path]:
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & stat.S_IXUSR and _is_elf(p)
+    ]
+
+
+def _is_elf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def require_static_elf(path: Path) -> None:
+    """The guest has no dynamic loader: refuse a program that asks for one (PT_INTERP)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF":
+            raise BadRequest(f"{path.name} is not an ELF executable")
+        if header[4] != 2 or header[5] != 1:
+            raise BadRequest(f"{path.name} is not a 64-bit little-endian ELF program")
+        phoff, = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    pt_interp = 3
+    for i in range(phnum):
+        p_type, = struct.unpack_from("<I", table, i * phentsize)
+        if p_type == pt_interp:
+            raise BadRequest(
+                f"{path.name} is dynamically linked; link it statically (-static), the guest has no shared libraries"
+            )

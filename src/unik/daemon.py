@@ -1,0 +1,55 @@
+"""Wiring: config → store → compilers/providers → app; `unik daemon` calls serve()."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from unik.api import create_app
+from unik.compilers import CompilerRegistry
+from unik.config import DaemonConfig, load_daemon_config
+from unik.manager import Manager
+from unik.providers.base import Provider
+from unik.providers.qemu import QemuProvider
+from unik.store import Store
+
+log = logging.getLogger("unik")
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".unik"
+
+
+def build_manager(data_dir: Path, config: DaemonConfig) -> Manager:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    providers: dict[str, Provider] = {}
+    if config.qemu is not None:
+        providers["qemu"] = QemuProvider(config.qemu, data_dir)
+    store = Store(data_dir / "unik.db")
+    manager = Manager(config, data_dir, store, providers, CompilerRegistry(sorted(providers)))
+    manager.recover()
+    # Uploads are spooled to temporary files: keep them inside the data dir.
+    tempfile.tempdir = str(manager.tmp_dir)
+    return manager
+
+
+def build_app(data_dir: Path, config_file: Path | None = None) -> FastAPI:
+    config_file = config_file or data_dir / "daemon-config.yaml"
+    return create_app(build_manager(data_dir, load_daemon_config(config_file)))
+
+
+def serve(host: str, port: int, data_dir: Path, config_file: Path | None, debug: bool) -> None:
+    import uvicorn
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    data_dir = data_dir.expanduser().resolve()
+    app = build_app(data_dir, config_file)
+    for name, provider in app.state.manager.providers.items():
+        log.info("provider %s: %s", name, provider.status())
+    log.info("unik daemon on http://%s:%d, data in %s", host, port, data_dir)
+    uvicorn.run(app, host=host, port=port, log_level="debug" if debug else "info", timeout_graceful_shutdown=5)

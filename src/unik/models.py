@@ -1,0 +1,157 @@
+"""Wire objects of the UniK API (../shared/API.md): the one source of truth for JSON shapes."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_serializer
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="1-64 of [A-Za-z0-9][A-Za-z0-9_.-]*")]
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name))
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class InstanceState(StrEnum):
+    running = "running"
+    stopped = "stopped"
+    pending = "pending"
+    unknown = "unknown"
+    terminated = "terminated"
+    error = "error"
+    paused = "paused"
+    suspended = "suspended"
+
+
+class Infrastructure(StrEnum):
+    AWS = "AWS"
+    GCLOUD = "GCLOUD"
+    VSPHERE = "VSPHERE"
+    VIRTUALBOX = "VIRTUALBOX"
+    QEMU = "QEMU"
+    PHOTON = "PHOTON"
+    XEN = "XEN"
+    OPENSTACK = "OPENSTACK"
+    UKVM = "UKVM"
+    FIRECRACKER = "FIRECRACKER"
+
+
+class ImageFormat(StrEnum):
+    raw = "raw"
+    qcow2 = "qcow2"
+    vhd = "vhd"
+    vmdk = "vmdk"
+    folder = "folder"
+
+
+def _drop_empty(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """API.md marks some strings 'omitted when empty', as Go's `omitempty` did."""
+    return {k: v for k, v in data.items() if not (k in keys and v == "")}
+
+
+class ImageStageSpec(BaseModel):
+    ImageFormat: str = ImageFormat.folder.value
+    XenVirtualizationType: str = ""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: Any) -> dict[str, Any]:
+        return _drop_empty(handler(self), ("XenVirtualizationType",))
+
+
+class DeviceMapping(BaseModel):
+    MountPoint: str
+    DeviceName: str
+
+
+class ImageRunSpec(BaseModel):
+    DeviceMappings: list[DeviceMapping] = Field(default_factory=list)
+    DefaultInstanceMemory: int = 128
+    MinInstanceDiskMB: int = 0
+    StorageDriver: str = ""
+    VsphereNetworkType: str = ""
+    Compiler: str = ""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: Any) -> dict[str, Any]:
+        return _drop_empty(handler(self), ("StorageDriver", "Compiler"))
+
+
+class Image(BaseModel):
+    Id: str
+    Name: str
+    SizeMb: int
+    Infrastructure: str
+    Created: str
+    StageSpec: ImageStageSpec = Field(default_factory=ImageStageSpec)
+    RunSpec: ImageRunSpec = Field(default_factory=ImageRunSpec)
+
+
+class Instance(BaseModel):
+    Id: str
+    Name: str
+    State: str
+    IpAddress: str = ""
+    ImageId: str
+    Infrastructure: str
+    Created: str
+
+
+class Volume(BaseModel):
+    Id: str
+    Name: str
+    SizeMb: int
+    Attachment: str = ""
+    Infrastructure: str
+    Created: str
+
+
+class RunInstanceRequest(BaseModel):
+    """Body of POST /instances/run, as the Go client sends it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    InstanceName: str = ""
+    ImageName: str = ""
+    Mounts: dict[str, str] | None = None
+    Env: dict[str, str] | None = None
+    MemoryMb: int = 0
+    NoCleanup: bool = False
+    DebugMode: bool = False
+
+    @field_serializer("Mounts", "Env")
+    def _none_as_empty(self, value: dict[str, str] | None) -> dict[str, str]:
+        return value or {}
+
+
+class HubConfig(BaseModel):
+    """Push/pull body: the Go client sends URL/Username/Password, the docs url/user/pass."""
+
+    url: str = ""
+    user: str = ""
+    password: str = ""
+
+    @classmethod
+    def from_wire(cls, body: Any) -> HubConfig:
+        if not isinstance(body, dict):
+            return cls()
+        lowered = {str(k).lower(): v for k, v in body.items()}
+        return cls(
+            url=str(lowered.get("url") or ""),
+            user=str(lowered.get("username") or lowered.get("user") or ""),
+            password=str(lowered.get("password") or lowered.get("pass") or ""),
+        )
+
+
+class ErrorBody(BaseModel):
+    message: str

@@ -1,0 +1,289 @@
+"""The QEMU provider: one detached qemu per instance, TCG unless KVM really works.
+
+Each instance owns a folder `<data>/instances/<id>/` with its own hard links to the image's
+kernel and initrd (so deleting or replacing the image never breaks it), the per-boot initrd
+(image initrd + a small run-config cpio), the console file, the QMP socket and the pidfile.
+qemu runs with `-daemonize`, so it is not the daemon's child and survives a daemon restart;
+liveness is read from the pidfile and /proc, which is what makes re-adoption work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from unik import guest
+from unik.config import QemuProviderConfig
+from unik.errors import BadRequest, UnikError
+from unik.kernel import Kernel, default_kernel_root
+from unik.kernel import load as load_kernel
+from unik.providers.base import LaunchSpec, Provider
+
+log = logging.getLogger(__name__)
+
+# Longest path a unix socket may have (sun_path is 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+LAUNCH_TIMEOUT = 60.0
+KILL_WAIT = 5.0
+# panic=-1 with -no-reboot turns a guest panic into a qemu exit, so the instance reads stopped.
+KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """KVM only when the CPU has vmx/svm *and* /dev/kvm creates a VM (PLATFORM.md: the node alone lies)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "cannot read /proc/cpuinfo"
+    flags = {word for line in cpuinfo.splitlines() if line.startswith("flags") for word in line.split()}
+    if not flags & {"vmx", "svm"}:
+        return False, "the CPU has no vmx/svm flag"
+    kvm_get_api_version, kvm_create_vm = 0xAE00, 0xAE01
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return False, f"/dev/kvm: {exc.strerror}"
+    try:
+        if fcntl.ioctl(fd, kvm_get_api_version) != 12:
+            return False, "unexpected KVM API version"
+        vm_fd = fcntl.ioctl(fd, kvm_create_vm, 0)
+        os.close(vm_fd)
+    except OSError as exc:
+        return False, f"KVM_CREATE_VM failed: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return True, "KVM works"
+
+
+class QemuProvider(Provider):
+    name = "qemu"
+    infrastructure = "QEMU"
+
+    def __init__(self, config: QemuProviderConfig, data_dir: Path) -> None:
+        self.config = config
+        self.instances_dir = data_dir / "instances"
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        longest = self.instances_dir / ("0" * 32) / "qmp.sock"
+        if len(str(longest)) > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"data dir {data_dir} is too long for QMP unix sockets; use a path under "
+                f"{MAX_SOCKET_PATH - len(str(longest)) + len(str(data_dir))} characters"
+            )
+        if config.accel == "auto":
+            use_kvm, self.accel_reason = kvm_usable()
+            self.accel = "kvm" if use_kvm else "tcg"
+        else:
+            self.accel, self.accel_reason = config.accel, "set in the daemon config"
+        self.kernel_root = config.kernel_dir or default_kernel_root()
+
+    # -- files -------------------------------------------------------------------------
+
+    def _dir(self, instance_id: str) -> Path:
+        return self.instances_dir / instance_id
+
+    def console_path(self, instance_id: str) -> Path:
+        return self._dir(instance_id) / "console.log"
+
+    def _pidfile(self, instance_id: str) -> Path:
+        return self._dir(instance_id) / "qemu.pid"
+
+    def _qmp_path(self, instance_id: str) -> Path:
+        return self._dir(instance_id) / "qmp.sock"
+
+    def kernel(self) -> Kernel:
+        try:
+            return load_kernel(self.kernel_root)
+        except FileNotFoundError as exc:
+            raise UnikError(str(exc)) from exc
+
+    def status(self) -> dict[str, Any]:
+        try:
+            kernel: str | None = self.kernel().version
+        except UnikError:
+            kernel = None
+        return {
+            "name": self.name,
+            "infrastructure": self.infrastructure,
+            "accel": self.accel,
+            "accel_reason": self.accel_reason,
+            "machine": self.config.machine,
+            "kernel": kernel,
+            "qemu": shutil.which(self.config.qemu_binary),
+        }
+
+    # -- liveness ----------------------------------------------------------------------
+
+    def _pid(self, instance_id: str) -> int | None:
+        try:
+            pid = int(self._pidfile(instance_id).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        # A zombie has exited; a pid reused by another program is not ours.
+        state = stat.rsplit(")", 1)[-1].split()[0]
+        if state in ("Z", "X") or str(self._dir(instance_id)).encode() not in cmdline:
+            return None
+        return pid
+
+    def alive(self, instance_id: str) -> bool:
+        return self._pid(instance_id) is not None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _command(self, instance_id: str, kernel: Path, initrd: Path, spec: LaunchSpec) -> list[str]:
+        folder = self._dir(instance_id)
+        cmdline = f"{KERNEL_CMDLINE} {self.config.kernel_cmdline}".strip()
+        argv = [
+            self.config.qemu_binary,
+            "-name", f"unik-{instance_id[:12]}",
+            "-machine", self.config.machine,
+            "-accel", self.accel,
+            "-m", str(spec.memory_mb),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(kernel),
+            "-initrd", str(initrd),
+            "-append", cmdline,
+            "-chardev", f"file,id=console,path={self.console_path(instance_id)},append=on",
+            "-serial", "chardev:console",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-qmp", f"unix:{self._qmp_path(instance_id)},server=on,wait=off",
+            "-pidfile", str(self._pidfile(instance_id)),
+            "-daemonize",
+        ]  # fmt: skip
+        if spec.debug_mode:
+            port = self.config.debugger_port or _free_port()
+            (folder / "gdb.port").write_text(str(port))
+            argv += ["-gdb", f"tcp:127.0.0.1:{port}", "-S"]
+        return argv
+
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
+        if spec.memory_mb <= 0 or spec.memory_mb > self.config.max_memory_mb:
+            raise BadRequest(f"memory must be between 1 and {self.config.max_memory_mb} MB")
+        if self.alive(instance_id):
+            return
+        folder = self._dir(instance_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        kernel = folder / "kernel"
+        image_initrd = folder / "image.initrd"
+        await asyncio.to_thread(_link_or_copy, Path(spec.kernel), kernel)
+        await asyncio.to_thread(_link_or_copy, Path(spec.initrd), image_initrd)
+        boot_initrd = folder / "boot.initrd"
+        run_config = guest.run_config_cpio(
+            env=spec.env, args=spec.args, hostname=spec.hostname or None, stop_timeout=self.config.stop_timeout
+        )
+        await asyncio.to_thread(_concat, image_initrd, run_config, boot_initrd)
+        for stale in (self._pidfile(instance_id), self._qmp_path(instance_id), folder / "gdb.port"):
+            stale.unlink(missing_ok=True)
+        argv = self._command(instance_id, kernel, boot_initrd, spec)
+        log.debug("launching %s", " ".join(argv))
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), LAUNCH_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise UnikError(f"qemu did not start within {LAUNCH_TIMEOUT:.0f} s") from None
+        if proc.returncode != 0:
+            raise UnikError(f"qemu failed to start: {out.decode(errors='replace').strip()}")
+        if spec.debug_mode:
+            port = self.debug_port(instance_id)
+            log.warning("instance %s waits for gdb: target remote 127.0.0.1:%s", instance_id, port)
+
+    def debug_port(self, instance_id: str) -> int | None:
+        try:
+            return int((self._dir(instance_id) / "gdb.port").read_text())
+        except (OSError, ValueError):
+            return None
+
+    async def stop(self, instance_id: str) -> None:
+        pid = self._pid(instance_id)
+        if pid is None:
+            return
+        # Ctrl-Alt-Del reaches PID 1 as SIGINT on -M pc; the guest init stops the app,
+        # syncs and powers off. Waiting gives the app its stop_timeout plus boot slack.
+        with contextlib.suppress(Exception):
+            await self._qmp(instance_id, "send-key", {"keys": [_qcode("ctrl"), _qcode("alt"), _qcode("delete")]})
+            if await self._wait_gone(instance_id, self.config.stop_timeout + 10.0):
+                return
+        log.warning("instance %s did not power off in time; killing qemu", instance_id)
+        await self._kill(instance_id)
+
+    async def _kill(self, instance_id: str) -> None:
+        pid = self._pid(instance_id)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await self._wait_gone(instance_id, KILL_WAIT)
+
+    async def _wait_gone(self, instance_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive(instance_id):
+                return True
+            await asyncio.sleep(0.1)
+        return not self.alive(instance_id)
+
+    async def _qmp(self, instance_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        client = QMPClient(f"unik-{instance_id[:12]}")
+        await asyncio.wait_for(client.connect(str(self._qmp_path(instance_id))), 5.0)
+        try:
+            return await asyncio.wait_for(client.execute(command, arguments), 10.0)
+        finally:
+            await client.disconnect()
+
+    async def remove(self, instance_id: str, *, keep_files: bool = False) -> None:
+        await self._kill(instance_id)
+        if not keep_files:
+            await asyncio.to_thread(shutil.rmtree, self._dir(instance_id), True)
+
+
+def _qcode(key: str) -> dict[str, str]:
+    return {"type": "qcode", "data": key}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    tmp = target.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.rename(target)
+
+
+def _concat(first: Path, tail: bytes, target: Path) -> None:
+    tmp = target.with_suffix(".tmp")
+    with open(first, "rb") as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+        out.write(tail)
+    tmp.rename(target)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,157 @@
+"""SQLite (WAL) state: the only code that writes the daemon's records.
+
+Each table holds one resource kind: the wire object as JSON (what the API returns) and
+an `internal` JSON column for what only the daemon needs (file paths, run config, digests).
+Names are unique per kind, enforced by the database, so concurrent writers get exactly one
+winner.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from unik.errors import Conflict, NotFound
+from unik.models import Image, Instance, Volume
+
+M = TypeVar("M", Image, Instance, Volume)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    wire TEXT NOT NULL,
+    internal TEXT NOT NULL DEFAULT '{{}}'
+);
+"""
+
+
+@dataclass
+class Record(Generic[M]):
+    obj: M
+    internal: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.obj.Id
+
+    @property
+    def name(self) -> str:
+        return self.obj.Name
+
+
+class Table(Generic[M]):
+    def __init__(self, store: Store, table: str, model: type[M], kind: str) -> None:
+        self._store = store
+        self._table = table
+        self._model = model
+        self.kind = kind
+
+    def _record(self, row: sqlite3.Row) -> Record[M]:
+        return Record(self._model.model_validate_json(row["wire"]), json.loads(row["internal"]))
+
+    def insert(self, record: Record[M], *, replace_name: bool = False) -> Record[M] | None:
+        """Insert; a taken name is a Conflict unless replace_name, which returns the replaced record."""
+        with self._store.transaction() as db:
+            old = db.execute(f"SELECT * FROM {self._table} WHERE name = ?", (record.name,)).fetchone()
+            if old is not None:
+                if not replace_name:
+                    raise Conflict(f"{self.kind} {record.name!r} already exists")
+                db.execute(f"DELETE FROM {self._table} WHERE id = ?", (old["id"],))
+            db.execute(
+                f"INSERT INTO {self._table} (id, name, wire, internal) VALUES (?, ?, ?, ?)",
+                (record.id, record.name, _dump(record.obj), json.dumps(record.internal)),
+            )
+            return self._record(old) if old is not None else None
+
+    def update(self, record: Record[M]) -> None:
+        with self._store.transaction() as db:
+            cur = db.execute(
+                f"UPDATE {self._table} SET wire = ?, internal = ? WHERE id = ?",
+                (_dump(record.obj), json.dumps(record.internal), record.id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"{self.kind} {record.name!r} not found")
+
+    def delete(self, record_id: str) -> None:
+        with self._store.transaction() as db:
+            db.execute(f"DELETE FROM {self._table} WHERE id = ?", (record_id,))
+
+    def all(self) -> list[Record[M]]:
+        rows = self._store.query(f"SELECT * FROM {self._table} ORDER BY rowid")
+        return [self._record(r) for r in rows]
+
+    def get(self, record_id: str) -> Record[M] | None:
+        rows = self._store.query(f"SELECT * FROM {self._table} WHERE id = ?", (record_id,))
+        return self._record(rows[0]) if rows else None
+
+    def has_name(self, name: str) -> bool:
+        return bool(self._store.query(f"SELECT 1 FROM {self._table} WHERE name = ?", (name,)))
+
+    def find(self, ref: str) -> Record[M]:
+        """Exact id, exact name, or an unambiguous id prefix (like Docker); never a substring."""
+        rows = self._store.query(
+            f"SELECT * FROM {self._table} WHERE id = ? OR name = ? ORDER BY id = ? DESC", (ref, ref, ref)
+        )
+        if rows:
+            return self._record(rows[0])
+        if ref:
+            escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = self._store.query(
+                f"SELECT * FROM {self._table} WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (escaped + "%",)
+            )
+            if len(rows) == 1:
+                return self._record(rows[0])
+            if len(rows) > 1:
+                raise Conflict(f"{self.kind} id prefix {ref!r} is ambiguous")
+        raise NotFound(f"{self.kind} {ref!r} not found")
+
+
+def _dump(obj: BaseModel) -> str:
+    return obj.model_dump_json()
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared under a lock: statements take microseconds, and one writer
+        # at a time is what SQLite does anyway.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self.images: Table[Image] = Table(self, "images", Image, "image")
+        self.instances: Table[Instance] = Table(self, "instances", Instance, "instance")
+        self.volumes: Table[Volume] = Table(self, "volumes", Volume, "volume")
+        with self.transaction() as db:
+            for table in ("images", "instances", "volumes"):
+                db.execute(_SCHEMA.format(table=table))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

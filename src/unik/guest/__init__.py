@@ -85,9 +85,7 @@ class CpioWriter:
             raise ValueError(f"bad archive path {path!r}")
         return "/".join(parts)
 
-    def _header(
-        self, name: str, mode: int, size: int, nlink: int = 1, rdev: tuple[int, int] = (0, 0)
-    ) -> None:
+    def _header(self, name: str, mode: int, size: int, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
         if self._closed:
             raise ValueError("archive already closed")
         encoded = name.encode() + b"\0"

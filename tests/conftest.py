@@ -1,0 +1,157 @@
+"""Shared fixtures: a short data dir (QMP socket paths are limited), an in-process app, a real daemon."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from unik.client import UnikClient
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: boots a real VM under QEMU (TCG)")
+
+
+def kernel_available() -> bool:
+    from unik.kernel import default_kernel_root, load
+
+    try:
+        load(default_kernel_root())
+    except FileNotFoundError:
+        return False
+    return shutil.which("qemu-system-x86_64") is not None
+
+
+requires_vm = pytest.mark.skipif(not kernel_available(), reason="no kernel fetched or no qemu: run `make setup`")
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="unik-", dir="/tmp"))
+    yield path
+    _kill_vms(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_vms(data_dir: Path) -> None:
+    """No test may leave a qemu behind, whatever it asserted."""
+    for pidfile in data_dir.glob("instances/*/qemu.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def tar_gz(files: dict[str, bytes | str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def folder_tar_gz(folder: Path) -> bytes:
+    return tar_gz({p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()})
+
+
+@pytest.fixture
+def hello_tgz() -> bytes:
+    return folder_tar_gz(EXAMPLES / "c-hello")
+
+
+@pytest.fixture
+def api(data_dir: Path) -> Iterator[TestClient]:
+    """The real app in-process (same manager, providers and store as the daemon)."""
+    from unik.daemon import build_app
+
+    with TestClient(build_app(data_dir), raise_server_exceptions=False) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    data_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.data_dir / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "unik.cli", "daemon", "--port", str(self.port), "--d", str(self.data_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        client = UnikClient(self.host)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {(self.data_dir / 'daemon.log').read_text()}")
+            try:
+                if client.ping():
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("daemon did not answer within 30 s")
+
+    def kill(self) -> None:
+        """kill -9: the daemon gets no chance to clean up, like a crash."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+
+@pytest.fixture
+def daemon(data_dir: Path) -> Iterator[Daemon]:
+    running = Daemon(data_dir, free_port())
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[UnikClient]:
+    with UnikClient(daemon.host) as c:
+        yield c

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -53,10 +54,8 @@ def data_dir() -> Iterator[Path]:
 def _kill_vms(data_dir: Path) -> None:
     """No test may leave a qemu behind, whatever it asserted."""
     for pidfile in data_dir.glob("instances/*/qemu.pid"):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
 
 
 def tar_gz(files: dict[str, bytes | str]) -> bytes:

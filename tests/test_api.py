@@ -50,7 +50,8 @@ def test_info_routes(api: TestClient) -> None:
 
 def test_openapi_and_docs(api: TestClient) -> None:
     schema = api.get("/openapi.json").json()
-    for path in ("/images/{name}/create", "/instances/run", "/volumes/{name}/attach/{instance_id}", "/images/push/{name}"):
+    routes = ("/images/{name}/create", "/instances/run", "/volumes/{name}/attach/{instance_id}", "/images/push/{name}")
+    for path in routes:
         assert path in schema["paths"]
     assert "RunInstanceRequest" in schema["components"]["schemas"]
     assert api.get("/docs").status_code == 200

@@ -41,7 +41,7 @@ from unik.store import Record, Store
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL = 0.5
-LOG_POLL_INTERVAL = 0.1
+LOG_POLL_INTERVAL = 0.05
 # Kernel modules every image carries; the cloud kernel has the serial console, ext4 and
 # the i8042 keyboard controller (graceful stop) built in, so a plain app needs none yet.
 BASE_MODULES: list[str] = []

@@ -146,28 +146,19 @@ class QemuProvider(Provider):
     # -- lifecycle ---------------------------------------------------------------------
 
     def _command(self, instance_id: str, kernel: Path, initrd: Path, spec: LaunchSpec) -> list[str]:
-        folder = self._dir(instance_id)
-        cmdline = f"{KERNEL_CMDLINE} {self.config.kernel_cmdline}".strip()
-        argv = [
-            self.config.qemu_binary,
+        argv = boot_argv(
+            self.config, self.accel, kernel=kernel, initrd=initrd, memory_mb=spec.memory_mb,
+            console=self.console_path(instance_id),
+        )  # fmt: skip
+        argv += [
             "-name", f"unik-{instance_id[:12]}",
-            "-machine", self.config.machine,
-            "-accel", self.accel,
-            "-m", str(spec.memory_mb),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(kernel),
-            "-initrd", str(initrd),
-            "-append", cmdline,
-            "-chardev", f"file,id=console,path={self.console_path(instance_id)},append=on",
-            "-serial", "chardev:console",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-qmp", f"unix:{self._qmp_path(instance_id)},server=on,wait=off",
             "-pidfile", str(self._pidfile(instance_id)),
             "-daemonize",
         ]  # fmt: skip
         if spec.debug_mode:
             port = self.config.debugger_port or _free_port()
-            (folder / "gdb.port").write_text(str(port))
+            (self._dir(instance_id) / "gdb.port").write_text(str(port))
             argv += ["-gdb", f"tcp:127.0.0.1:{port}", "-S"]
         return argv
 
@@ -257,6 +248,25 @@ class QemuProvider(Provider):
         await self._kill(instance_id)
         if not keep_files:
             await asyncio.to_thread(shutil.rmtree, self._dir(instance_id), True)
+
+
+def boot_argv(
+    config: QemuProviderConfig, accel: str, *, kernel: Path, initrd: Path, memory_mb: int, console: Path
+) -> list[str]:
+    """The machine every instance boots on (the benchmark boots its floor on the same one)."""
+    return [
+        config.qemu_binary,
+        "-machine", config.machine,
+        "-accel", accel,
+        "-m", str(memory_mb),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", f"{KERNEL_CMDLINE} {config.kernel_cmdline}".strip(),
+        "-chardev", f"file,id=console,path={console},append=on",
+        "-serial", "chardev:console",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]  # fmt: skip
 
 
 def _qcode(key: str) -> dict[str, str]:

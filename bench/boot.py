@@ -1,0 +1,225 @@
+"""Boot and build benchmark, each beside its floor, measured in one interleaved run.
+
+Boot:  POST /instances/run → the app's first console line seen through the logs API,
+       beside the floor: the same qemu and kernel on the same machine booting a trivial
+       static init (prints one line) started directly, with no daemon in between.
+Build: POST /images/{name}/create of examples/c-hello, beside the compiler alone
+       (musl-gcc -static -O2 on the same sources).
+
+Rounds alternate ours/floor so the machine's noise hits both alike; medians and ratios
+are printed as Markdown and written to bench/results/boot.md.
+
+    .venv/bin/python bench/boot.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from unik import guest
+from unik.config import QemuProviderConfig
+from unik.kernel import default_kernel_root
+from unik.kernel import load as load_kernel
+from unik.providers.qemu import boot_argv, kvm_usable
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "examples" / "c-hello"
+FIRST_APP_LINE = b"hello from unik"
+FLOOR_LINE = b"floor: init running"
+DEADLINE = 120.0
+
+FLOOR_INIT = r"""
+#include <sys/reboot.h>
+#include <unistd.h>
+int main(void) {
+    static const char line[] = "floor: init running\n";
+    write(1, line, sizeof line - 1);
+    reboot(RB_POWER_OFF);
+    for (;;) pause();
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def daemon(data_dir: Path) -> Iterator[str]:
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "daemon.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unik.cli", "daemon", "--port", str(port), "--d", str(data_dir)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/_ping").text == "OK":
+                    break
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+
+
+def app_tarball() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(APP.iterdir()):
+            tar.add(path, arcname=path.name)
+    return buffer.getvalue()
+
+
+def build_ours(base: str, tarball: bytes, name: str) -> float:
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{base}/images/{name}/create",
+        params={"base": "linux", "lang": "c", "provider": "qemu", "force": "true"},
+        files={"tarfile": ("app.tar.gz", tarball)},
+        timeout=DEADLINE,
+    )
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
+def build_floor(work: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        ["musl-gcc", "-static", "-O2", "-o", str(work / "app"), *map(str, sorted(APP.glob("*.c"))), "-lm"],
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def boot_ours(base: str, image: str, name: str) -> float:
+    """POST /instances/run → the app's first line read through `logs?follow=true`."""
+    started = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=DEADLINE) as http:
+        http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).raise_for_status()
+        seen = b""
+        with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
+            for chunk in stream.iter_bytes():
+                seen += chunk
+                if FIRST_APP_LINE in seen:
+                    break
+        elapsed = time.perf_counter() - started
+        http.delete(f"/instances/{name}", params={"force": "true"}).raise_for_status()
+    if FIRST_APP_LINE not in seen:
+        raise RuntimeError(f"instance {name} never printed its first line:\n{seen.decode(errors='replace')}")
+    return elapsed
+
+
+def floor_initrd(work: Path) -> Path:
+    source = work / "floor.c"
+    source.write_text(FLOOR_INIT)
+    subprocess.run(["musl-gcc", "-static", "-Os", "-o", str(work / "floor-init"), str(source)], check=True)
+    initrd = work / "floor.initrd"
+    with open(initrd, "wb") as out:
+        cpio = guest.CpioWriter(out)
+        cpio.add_dir("/dev")
+        cpio.add_char_device("/dev/console", 5, 1)
+        cpio.add_file("/init", work / "floor-init", 0o755)
+        cpio.close()
+    return initrd
+
+
+def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int) -> float:
+    """The same qemu, machine and kernel, a trivial init, started directly: launch → its line."""
+    console = work / f"floor-{round_no}.log"
+    argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=128, console=console)
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - started < DEADLINE:
+            if console.exists() and FLOOR_LINE in console.read_bytes():
+                return time.perf_counter() - started
+            time.sleep(0.005)
+        raise RuntimeError("the floor VM never printed its line")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def row(label: str, ours: list[float], floor: list[float]) -> str:
+    mine, base = statistics.median(ours), statistics.median(floor)
+    return f"| {label} | {mine:.3f} s | {base:.3f} s | {mine / base:.2f}× | {min(ours):.3f}–{max(ours):.3f} s |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    options = parser.parse_args()
+
+    kernel = load_kernel(default_kernel_root())
+    accel = "kvm" if kvm_usable()[0] else "tcg"
+    tarball = app_tarball()
+    boots_ours: list[float] = []
+    boots_floor: list[float] = []
+    builds_ours: list[float] = []
+    builds_floor: list[float] = []
+    work = Path(tempfile.mkdtemp(prefix="unik-bench-", dir="/tmp"))
+    try:
+        initrd = floor_initrd(work)
+        with daemon(work / "data") as base:
+            build_ours(base, tarball, "bench")  # warm-up: the guest init is compiled once and cached
+            for n in range(options.rounds):
+                builds_ours.append(build_ours(base, tarball, "bench"))
+                builds_floor.append(build_floor(work))
+                boots_ours.append(boot_ours(base, "bench", f"bench-{n}"))
+                boots_floor.append(boot_floor(kernel.vmlinux, initrd, accel, work, n))
+                print(
+                    f"round {n + 1}: boot {boots_ours[-1]:.3f} s (floor {boots_floor[-1]:.3f} s), "
+                    f"build {builds_ours[-1]:.3f} s (floor {builds_floor[-1]:.3f} s)",
+                    file=sys.stderr,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = "\n".join(
+        [
+            f"# unik boot and build benchmark ({options.rounds} interleaved rounds)",
+            "",
+            f"Host: {platform.node()}, {platform.machine()}, accel {accel}, kernel {kernel.version}, machine pc.",
+            "",
+            "| measure | unik (median) | floor (median) | ratio | unik range |",
+            "|---|---|---|---|---|",
+            row("boot: POST /instances/run → first app line", boots_ours, boots_floor),
+            row("build: tar.gz → image (c-hello)", builds_ours, builds_floor),
+            "",
+            "Boot floor: the same qemu/kernel/machine booting a trivial static init directly.",
+            "Build floor: musl-gcc -static -O2 on the same sources.",
+        ]
+    )
+    print(report)
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "boot.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

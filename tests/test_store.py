@@ -189,7 +189,7 @@ def test_replace_name_without_an_old_record_returns_none(kind: tuple[Table[Any],
 def test_a_duplicate_id_is_refused_and_nothing_changes(kind: tuple[Table[Any], Factory]) -> None:
     table, make = kind
     table.insert(make("a", "id-1"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, Conflict)):
         table.insert(make("b", "id-1"))
     assert [r.name for r in table.all()] == ["a"]
 

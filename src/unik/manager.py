@@ -197,7 +197,7 @@ class Manager:
                 modules=modules,
             )
             await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
-            digest, size = await asyncio.to_thread(_digest, [staging / "kernel", staging / "initrd"])
+            digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
             image = Image(
                 Id=image_id,
                 Name=name,
@@ -447,15 +447,27 @@ def _hardlink_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _digest(paths: list[Path]) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    for path in paths:
+def _image_digest(kernel: Path, initrd: Path) -> tuple[str, int]:
+    """sha256 over the parts' digests; the kernel's is cached, every image shares it."""
+    parts = [_file_sha256(kernel), _file_sha256(initrd)]
+    combined = hashlib.sha256(f"kernel {parts[0]}\ninitrd {parts[1]}\n".encode()).hexdigest()
+    return "sha256:" + combined, kernel.stat().st_size + initrd.stat().st_size
+
+
+# Keyed by file identity, not path: every image's kernel is a hard link to the same inode.
+_sha256_cache: dict[tuple[int, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _sha256_cache:
+        sha = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 sha.update(block)
-                size += len(block)
-    return "sha256:" + sha.hexdigest(), size
+        _sha256_cache[key] = sha.hexdigest()
+    return _sha256_cache[key]
 
 
 def _read_text(path: Path) -> str:

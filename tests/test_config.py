@@ -1,0 +1,244 @@
+"""unik.config: daemon-config.yaml (the original UniK layout) and client-config.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unik.config import (
+    ClientConfig,
+    DaemonConfig,
+    QemuProviderConfig,
+    client_config_path,
+    load_client_config,
+    load_daemon_config,
+    save_client_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def fake_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Never read or write the real ~/.unik."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def write(tmp_path: Path, text: str, name: str = "daemon-config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- daemon config --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["none", "absent"])
+def test_no_file_gives_the_default_with_one_qemu_provider(tmp_path: Path, where: str) -> None:
+    config = load_daemon_config(None if where == "none" else tmp_path / "missing.yaml")
+
+    assert config == DaemonConfig()
+    assert len(config.providers.qemu) == 1
+    assert config.qemu == QemuProviderConfig()
+    assert config.qemu.name == "qemu"
+    assert config.qemu.accel == "auto"
+    assert config.max_upload_mb == 1024
+    assert config.max_unpacked_mb == 4096
+    assert config.build_timeout == 600
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "~\n"])
+def test_an_empty_file_gives_the_default(tmp_path: Path, text: str) -> None:
+    assert load_daemon_config(write(tmp_path, text)) == DaemonConfig()
+
+
+def test_the_original_unik_layout(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "providers:\n  qemu:\n    - name: my-qemu\n      no_graphic: true\n      debugger_port: 3001\n",
+    )
+
+    config = load_daemon_config(path)
+
+    assert config.qemu is not None
+    assert config.qemu.name == "my-qemu"
+    assert config.qemu.no_graphic is True
+    assert config.qemu.debugger_port == 3001
+    assert config.qemu.accel == "auto"  # unspecified fields keep their defaults
+    assert len(config.providers.qemu) == 1
+
+
+def test_the_original_layout_in_flow_style(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers: {qemu: [{name: my-qemu, no_graphic: true, debugger_port: 3001}]}\n")
+    config = load_daemon_config(path)
+    assert config.qemu is not None
+    assert (config.qemu.name, config.qemu.no_graphic, config.qemu.debugger_port) == ("my-qemu", True, 3001)
+
+
+def test_a_kind_written_as_a_single_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers:\n  qemu:\n    name: solo\n    accel: tcg\n    machine: q35\n")
+
+    config = load_daemon_config(path)
+
+    assert config.qemu is not None
+    assert len(config.providers.qemu) == 1
+    assert (config.qemu.name, config.qemu.accel, config.qemu.machine) == ("solo", "tcg", "q35")
+
+
+def test_the_first_of_several_configurations_is_used(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers:\n  qemu:\n    - name: first\n    - name: second\n")
+    config = load_daemon_config(path)
+    assert [q.name for q in config.providers.qemu] == ["first", "second"]
+    assert config.qemu is not None
+    assert config.qemu.name == "first"
+
+
+def test_an_empty_qemu_list_means_no_qemu_provider(tmp_path: Path) -> None:
+    config = load_daemon_config(write(tmp_path, "providers:\n  qemu: []\n"))
+    assert config.qemu is None
+
+
+def test_other_provider_kinds_and_unknown_keys_are_ignored(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "providers:\n"
+        "  virtualbox:\n    - name: my-vbox\n      adapter_type: host_only\n"
+        "  qemu:\n    - name: q\n      some_future_option: 1\n"
+        "unknown_top_level: yes\n"
+        "max_upload_mb: 10\n"
+        "version: '0.9'\n",
+    )
+    config = load_daemon_config(path)
+    assert config.qemu is not None
+    assert config.qemu.name == "q"
+    assert config.max_upload_mb == 10
+    assert config.version == "0.9"
+
+
+def test_every_qemu_option_is_read(tmp_path: Path) -> None:
+    options = {
+        "name": "full",
+        "accel": "kvm",
+        "machine": "q35",
+        "kernel_dir": str(tmp_path / "kernels"),
+        "qemu_binary": "/opt/qemu/bin/qemu-system-x86_64",
+        "default_memory_mb": 256,
+        "max_memory_mb": 1024,
+        "stop_timeout": 0,
+        "kernel_cmdline": "quiet",
+        "debugger_port": 1234,
+        "no_graphic": False,
+    }
+    path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
+
+    config = load_daemon_config(path)
+
+    assert config.qemu is not None
+    dumped = config.qemu.model_dump()
+    dumped["kernel_dir"] = str(dumped["kernel_dir"])
+    assert dumped == options
+    assert config.build_timeout == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("providers: {qemu: [{accel: xen}]}\n", "accel"),
+        ("providers: {qemu: [{machine: virt}]}\n", "machine"),
+        ("providers: {qemu: {default_memory_mb: 0}}\n", "default_memory_mb"),
+        ("providers: {qemu: {max_memory_mb: -5}}\n", "max_memory_mb"),
+        ("providers: {qemu: {stop_timeout: 601}}\n", "stop_timeout"),
+        ("providers: {qemu: {debugger_port: lots}}\n", "debugger_port"),
+        ("providers: {qemu: [{name: a}, 7]}\n", "qemu"),
+        ("providers: {qemu: 3}\n", "qemu"),
+        ("providers: [qemu]\n", "providers"),
+        ("max_upload_mb: 0\n", "max_upload_mb"),
+        ("max_unpacked_mb: -1\n", "max_unpacked_mb"),
+        ("build_timeout: soon\n", "build_timeout"),
+    ],
+)
+def test_bad_values_are_a_value_error_naming_the_file_and_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ValueError) as info:
+        load_daemon_config(path)
+
+    message = str(info.value)
+    assert str(path) in message
+    assert field in message
+
+
+@pytest.mark.parametrize("text", ["- qemu\n- other\n", "just a string\n", "42\n"])
+def test_a_top_level_that_is_not_a_mapping_is_a_value_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match="mapping") as info:
+        load_daemon_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.xfail(
+    reason="src bug: load_daemon_config lets yaml.YAMLError from a syntactically broken file escape: it is "
+    "not a ValueError and its message names '<unicode string>', not the config file",
+    strict=True,
+)
+def test_broken_yaml_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers:\n  qemu: [name: x\n    - : :\n")
+    with pytest.raises(ValueError) as info:
+        load_daemon_config(path)
+    assert str(path) in str(info.value)
+
+
+# -- client config --------------------------------------------------------------------------
+
+
+def test_the_client_config_lives_under_home(fake_home: Path) -> None:
+    assert client_config_path() == fake_home / ".unik" / "client-config.yaml"
+
+
+def test_an_absent_client_config_is_the_default(tmp_path: Path, fake_home: Path) -> None:
+    assert load_client_config(tmp_path / "nope.yaml") == ClientConfig(host="localhost:3000", token=None)
+    assert load_client_config() == ClientConfig()
+    assert not (fake_home / ".unik").exists()
+
+
+def test_client_config_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "client-config.yaml"
+    config = ClientConfig(host="10.0.0.5:3001", token="s3cret")
+
+    written = save_client_config(config, path)
+
+    assert written == path
+    assert yaml.safe_load(path.read_text()) == {"host": "10.0.0.5:3001", "token": "s3cret"}
+    assert load_client_config(path) == config
+
+
+def test_a_client_config_without_token_omits_it(tmp_path: Path) -> None:
+    path = save_client_config(ClientConfig(host="example:9"), tmp_path / "c.yaml")
+    assert yaml.safe_load(path.read_text()) == {"host": "example:9"}
+    assert load_client_config(path) == ClientConfig(host="example:9")
+
+
+def test_saving_to_the_default_path_writes_under_home(fake_home: Path) -> None:
+    written = save_client_config(ClientConfig(host="h:1"))
+    assert written == fake_home / ".unik" / "client-config.yaml"
+    assert load_client_config() == ClientConfig(host="h:1")
+
+
+def test_saving_overwrites_the_previous_client_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    save_client_config(ClientConfig(host="a:1", token="t"), path)
+    save_client_config(ClientConfig(host="b:2"), path)
+    assert load_client_config(path) == ClientConfig(host="b:2")
+
+
+@pytest.mark.parametrize("text", ["", "- a list\n", "hello\n"])
+def test_an_empty_or_non_mapping_client_config_is_the_default(tmp_path: Path, text: str) -> None:
+    assert load_client_config(write(tmp_path, text, "client.yaml")) == ClientConfig()
+
+
+def test_unknown_client_config_keys_are_ignored(tmp_path: Path) -> None:
+    path = write(tmp_path, "host: x:3000\nextra: 1\n", "client.yaml")
+    assert load_client_config(path) == ClientConfig(host="x:3000")

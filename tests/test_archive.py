@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -97,9 +98,7 @@ def area(tmp_path: Path) -> Iterator[Area]:
     yield here
     # Whatever the archive was, nothing beside dest appeared, changed or vanished.
     assert here.snapshot() == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "dest") == [
-        n for n in siblings_before if n != "dest"
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "dest") == [n for n in siblings_before if n != "dest"]
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -301,10 +300,8 @@ def test_a_directory_member_does_not_chmod_through_a_symlink_chain(tmp_path: Pat
             Member("b", kind="dir", mode=0o777),
         ]
     )
-    try:
+    with contextlib.suppress(BadRequest):
         safe_extract(io.BytesIO(blob), tmp_path / "dest", max_bytes=MB)
-    except BadRequest:
-        pass
     assert stat.S_IMODE(outside.stat().st_mode) == 0o700
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,3 +186,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def test_debug_mode_waits_for_gdb_and_no_cleanup_keeps_files(client: UnikClient, daemon: Daemon) -> None:
+    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+    instance = client.instances.run("dbg", "hello", debug_mode=True, no_cleanup=True)
+    assert instance.State == "running"
+    daemon_log = (daemon.data_dir / "daemon.log").read_text()
+    match = re.search(r"target remote 127\.0\.0\.1:(\d+)", daemon_log)
+    assert match, daemon_log
+    # qemu's gdb stub answers, and the guest has not run a single instruction yet.
+    with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5):
+        pass
+    time.sleep(1)
+    assert client.instances.logs("dbg") == ""
+    client.instances.delete("dbg", force=True)
+    # NoCleanup: the instance's files (console, initrd) stay for inspection.
+    assert (daemon.data_dir / "instances" / instance.Id / "boot.initrd").exists()

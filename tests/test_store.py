@@ -366,7 +366,7 @@ def test_a_second_store_on_the_same_file_sees_committed_writes(tmp_path: Path) -
         reader.close()
 
 
-# -- name rule (API.md: 1–64 characters of [A-Za-z0-9][A-Za-z0-9_.-]*) ----------------------
+# -- name rule (API.md: 1-64 characters of [A-Za-z0-9][A-Za-z0-9_.-]*) ----------------------
 
 API_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NAME_CHARS = "abcXYZ019_.-"

@@ -26,7 +26,7 @@ from qemu.qmp import QMPClient
 from unik import guest
 from unik.config import QemuProviderConfig
 from unik.errors import BadRequest, UnikError
-from unik.kernel import Kernel, default_kernel_root
+from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.providers.base import LaunchSpec, Provider
 
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 107
 LAUNCH_TIMEOUT = 60.0
 KILL_WAIT = 5.0
-# panic=-1 with -no-reboot turns a guest panic into a qemu exit, so the instance reads stopped.
-KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -262,7 +260,7 @@ def boot_argv(
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", f"{KERNEL_CMDLINE} {config.kernel_cmdline}".strip(),
+        "-append", " ".join([*BOOT_ARGS, config.kernel_cmdline]).strip(),
         "-chardev", f"file,id=console,path={console},append=on",
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",

@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import struct
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ requires_gcc_make = pytest.mark.skipif(
 )
 
 HELLO = '#include <stdio.h>\nint main(void) { puts("hello from unik"); return 0; }\n'
-
-
-@pytest.fixture(autouse=True)
-def keep_tempdir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """build_app points the process-wide tempfile.tempdir into the `api` fixture's data dir, which is
-    deleted afterwards; restore it so later tmp_path / tempfile users in this process still work."""
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -420,12 +420,6 @@ def test_is_valid_name_examples(name: str, valid: bool) -> None:
     assert is_valid_name(name) is valid
 
 
-@pytest.mark.xfail(
-    reason="src bug (minor): Table.find matches id prefixes with SQLite LIKE, which is case-insensitive for "
-    "ASCII, so 'ABC1' resolves to id 'abc123' although it is not a prefix of it (API.md: an unambiguous prefix "
-    "of an Id); a mistyped upper-case name made of hex letters (e.g. 'CAFE') can pick another record",
-    strict=True,
-)
 def test_an_id_prefix_is_case_sensitive(found: Table[Any]) -> None:
     with pytest.raises(NotFound):
         found.find("ABC1")

@@ -1,6 +1,6 @@
 """Safe unpacking of uploaded tar.gz archives.
 
-Every member is checked before anything is written: no absolute paths, no `..`, no link
+Every member is checked before it is written: no absolute paths, no `..`, no link
 that points outside the destination, no device files or FIFOs, and a bound on the total
 unpacked size and member count (decompression bombs). On any refusal the destination is
 left empty for the caller to remove.
@@ -8,7 +8,9 @@ left empty for the caller to remove.
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import os
 import posixpath
 import shutil
@@ -20,6 +22,8 @@ from pathlib import Path
 from unik.errors import BadRequest, TooLarge
 
 MAX_MEMBERS = 100_000
+# Zero blocks that pad a tar after its end marker (tar pads to 10 KiB records; be generous).
+TRAILER_SLACK = 1 << 20
 
 
 def _safe_relpath(name: str) -> str:
@@ -72,9 +76,22 @@ def safe_extract(archive: Path | io.BufferedIOBase, dest: Path, *, max_bytes: in
                 if total > max_bytes:
                     raise TooLarge(f"the archive unpacks to more than {max_bytes // (1 << 20)} MB")
                 _extract_member(tar, member, relpath, dest)
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
+            # Reading to the end makes gzip check its CRC and length: a corrupt or truncated
+            # upload is refused instead of silently unpacked.
+            _drain(tar.fileobj, max_bytes - total + TRAILER_SLACK)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as exc:
         raise BadRequest(f"the upload is not a valid tar.gz archive: {exc}") from exc
     return total
+
+
+def _drain(stream: object, limit: int) -> None:
+    read = getattr(stream, "read", None)
+    if read is None:
+        return
+    while block := read(1 << 20):
+        limit -= len(block)
+        if limit < 0:
+            raise TooLarge("the archive has too much data after its end")
 
 
 def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -94,17 +111,24 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, relpath: str,
     parent = target.parent
     if not parent.resolve().is_relative_to(dest.resolve()):
         raise BadRequest(f"archive member {member.name!r} would be written outside the destination")
+    if target.is_symlink():
+        # Replace, never follow: a planted link must not redirect a later mkdir or chmod.
+        target.unlink()
     if member.isdir():
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o755 | (member.mode & 0o700))
         return
     parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
+    if target.exists():
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         else:
             target.unlink()
     if member.issym():
+        # Judge the link by where it lands on disk, through links planted before it.
+        landing = os.path.realpath(os.path.join(parent, member.linkname))
+        if not Path(landing).is_relative_to(dest.resolve()):
+            raise BadRequest(f"symlink {member.name!r} points outside the archive ({member.linkname!r})")
         os.symlink(member.linkname, target)
     elif member.islnk():
         source = dest / posixpath.normpath(member.linkname)

@@ -1,4 +1,4 @@
-"""daemon-config.yaml and client-config.yaml, with the original UniK's layout.
+"""daemon-config.yaml, with the original UniK's layout (the CLI owns client-config.yaml).
 
 The original daemon config lists providers by kind, each kind a list of named
 configurations (`providers: {qemu: [{name: my-qemu, ...}]}`); we keep that shape and
@@ -57,7 +57,10 @@ def load_daemon_config(path: Path | None) -> DaemonConfig:
     """Absent file → the built-in default (one qemu provider)."""
     if path is None or not path.exists():
         return DaemonConfig()
-    raw: Any = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     providers = raw.get("providers")
@@ -68,29 +71,3 @@ def load_daemon_config(path: Path | None) -> DaemonConfig:
         return DaemonConfig.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-
-
-class ClientConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    host: str = "localhost:3000"
-    token: str | None = None
-
-
-def client_config_path() -> Path:
-    return Path.home() / ".unik" / "client-config.yaml"
-
-
-def load_client_config(path: Path | None = None) -> ClientConfig:
-    path = path or client_config_path()
-    if not path.exists():
-        return ClientConfig()
-    raw = yaml.safe_load(path.read_text()) or {}
-    return ClientConfig.model_validate(raw if isinstance(raw, dict) else {})
-
-
-def save_client_config(config: ClientConfig, path: Path | None = None) -> Path:
-    path = path or client_config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(exclude_none=True)))
-    return path

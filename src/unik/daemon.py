@@ -31,8 +31,6 @@ def build_manager(data_dir: Path, config: DaemonConfig) -> Manager:
     store = Store(data_dir / "unik.db")
     manager = Manager(config, data_dir, store, providers, CompilerRegistry(sorted(providers)))
     manager.recover()
-    # Uploads are spooled to temporary files: keep them inside the data dir.
-    tempfile.tempdir = str(manager.tmp_dir)
     return manager
 
 
@@ -49,6 +47,8 @@ def serve(host: str, port: int, data_dir: Path, config_file: Path | None, debug:
     )
     data_dir = data_dir.expanduser().resolve()
     app = build_app(data_dir, config_file)
+    # Uploads are spooled to temporary files: keep them inside the data dir (process-wide).
+    tempfile.tempdir = str(app.state.manager.tmp_dir)
     for name, provider in app.state.manager.providers.items():
         log.info("provider %s: %s", name, provider.status())
     log.info("unik daemon on http://%s:%d, data in %s", host, port, data_dir)

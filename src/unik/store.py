@@ -104,9 +104,9 @@ class Table(Generic[M]):
         if rows:
             return self._record(rows[0])
         if ref:
-            escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            # substr, not LIKE: a prefix match must be exact and case-sensitive.
             rows = self._store.query(
-                f"SELECT * FROM {self._table} WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (escaped + "%",)
+                f"SELECT * FROM {self._table} WHERE substr(id, 1, ?) = ? LIMIT 2", (len(ref), ref)
             )
             if len(rows) == 1:
                 return self._record(rows[0])

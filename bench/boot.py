@@ -166,7 +166,7 @@ def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int
 
 def row(label: str, ours: list[float], floor: list[float]) -> str:
     mine, base = statistics.median(ours), statistics.median(floor)
-    return f"| {label} | {mine:.3f} s | {base:.3f} s | {mine / base:.2f}× | {min(ours):.3f}–{max(ours):.3f} s |"
+    return f"| {label} | {mine:.3f} s | {base:.3f} s | {mine / base:.2f}x | {min(ours):.3f}-{max(ours):.3f} s |"
 
 
 def main() -> int:

@@ -200,6 +200,8 @@ def test_debug_mode_waits_for_gdb_and_no_cleanup_keeps_files(client: UnikClient,
         pass
     time.sleep(1)
     assert client.instances.logs("dbg") == ""
-    client.instances.delete("dbg", force=True)
+    client.instances.stop("dbg")  # a paused guest cannot take ctrl-alt-del: it is powered off
+    assert state(client, "dbg") == "stopped"
+    client.instances.delete("dbg")
     # NoCleanup: the instance's files (console, initrd) stay for inspection.
     assert (daemon.data_dir / "instances" / instance.Id / "boot.initrd").exists()

@@ -212,10 +212,14 @@ class QemuProvider(Provider):
         # Ctrl-Alt-Del reaches PID 1 as SIGINT on -M pc; the guest init stops the app,
         # syncs and powers off. Waiting gives the app its stop_timeout plus boot slack.
         with contextlib.suppress(Exception):
-            await self._qmp(instance_id, "send-key", {"keys": [_qcode("ctrl"), _qcode("alt"), _qcode("delete")]})
-            if await self._wait_gone(instance_id, self.config.stop_timeout + 10.0):
-                return
-        log.warning("instance %s did not power off in time; killing qemu", instance_id)
+            status = await self._qmp(instance_id, "query-status")
+            # A paused guest (DebugMode waiting for gdb) cannot react to a key press.
+            if status.get("running"):
+                keys = [_qcode("ctrl"), _qcode("alt"), _qcode("delete")]
+                await self._qmp(instance_id, "send-key", {"keys": keys})
+                if await self._wait_gone(instance_id, self.config.stop_timeout + 10.0):
+                    return
+        log.warning("instance %s did not power off gracefully; killing qemu", instance_id)
         await self._kill(instance_id)
 
     async def _kill(self, instance_id: str) -> None:

@@ -416,12 +416,12 @@ async def _ctrl_alt_del(sock: Path) -> None:
         await qmp.disconnect()
 
 
-@pytest.mark.vm
-def test_ctrl_alt_del_stops_app_gracefully(vm_kernel: Kernel, short_tmp: Path) -> None:
-    initrd = _build_image(short_tmp, vm_kernel, APP_SLEEP)
-    sock = short_tmp / "qmp.sock"
+def _ctrl_alt_del_after_ready(kernel: Kernel, tmp: Path, run_config: bytes) -> tuple[list[str], int]:
+    """Boot APP_SLEEP, wait until it is ready, press ctrl-alt-del over QMP: (console lines, qemu exit code)."""
+    initrd = _build_image(tmp, kernel, APP_SLEEP)
+    sock = tmp / "qmp.sock"
     deadline = time.monotonic() + BOOT_DEADLINE
-    proc, log = _boot(short_tmp, vm_kernel, initrd, run_config_cpio(env={}, args=[]), qmp=sock)
+    proc, log = _boot(tmp, kernel, initrd, run_config, qmp=sock)
     try:
         _wait_for_line(proc, log, b"app: ready", deadline)
         asyncio.run(_ctrl_alt_del(sock))
@@ -429,7 +429,12 @@ def test_ctrl_alt_del_stops_app_gracefully(vm_kernel: Kernel, short_tmp: Path) -
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = _console_lines(log)
+    return _console_lines(log), code
+
+
+@pytest.mark.vm
+def test_ctrl_alt_del_stops_app_gracefully(vm_kernel: Kernel, short_tmp: Path) -> None:
+    lines, code = _ctrl_alt_del_after_ready(vm_kernel, short_tmp, run_config_cpio(env={}, args=[]))
     assert "app: got SIGTERM" in lines, "\n".join(lines)
     assert "unik: exit status 0" in lines, "\n".join(lines)
     assert code == 1
@@ -437,18 +442,8 @@ def test_ctrl_alt_del_stops_app_gracefully(vm_kernel: Kernel, short_tmp: Path) -
 
 @pytest.mark.vm
 def test_stop_timeout_escalates_to_sigkill(vm_kernel: Kernel, short_tmp: Path) -> None:
-    initrd = _build_image(short_tmp, vm_kernel, APP_SLEEP)
-    sock = short_tmp / "qmp.sock"
-    deadline = time.monotonic() + BOOT_DEADLINE
-    proc, log = _boot(short_tmp, vm_kernel, initrd, run_config_cpio(env={}, args=["ignore"], stop_timeout=1), qmp=sock)
-    try:
-        _wait_for_line(proc, log, b"app: ready", deadline)
-        asyncio.run(_ctrl_alt_del(sock))
-        code = _wait_exit(proc, deadline)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines = _console_lines(log)
+    run_config = run_config_cpio(env={}, args=["ignore"], stop_timeout=1)
+    lines, code = _ctrl_alt_del_after_ready(vm_kernel, short_tmp, run_config)
     assert "app: got SIGTERM" not in lines
     assert "unik: killed by signal 9" in lines, "\n".join(lines)
     assert code == (((128 + 9) << 1) | 1) & 0xFF

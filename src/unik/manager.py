@@ -92,9 +92,8 @@ class Manager:
         if alive and record.obj.State == InstanceState.running.value:
             return record
         if not alive:
-            record.obj.State = InstanceState.stopped.value
             with contextlib.suppress(NotFound):
-                self.store.instances.update(record)
+                self._set_state(record, InstanceState.stopped)
         return record
 
     async def monitor(self) -> None:
@@ -295,18 +294,14 @@ class Manager:
         self.store.instances.insert(record)
         async with self._lock(instance.Id):
             try:
-                await provider.launch(instance.Id, spec)
+                await self._boot(record, provider, spec)
             except BaseException:
                 if request.NoCleanup:
                     log.warning("no_cleanup: failed instance %s and its files are kept", instance.Name)
-                    record.obj.State = InstanceState.error.value
-                    self.store.instances.update(record)
                 else:
                     await provider.remove(instance.Id)
                     self.store.instances.delete(instance.Id)
                 raise
-            record.obj.State = InstanceState.running.value
-            self.store.instances.update(record)
         return record.obj
 
     async def start_instance(self, ref: str) -> Instance:
@@ -314,19 +309,23 @@ class Manager:
         provider = self.provider(record.internal["provider"])
         async with self._lock(record.id):
             record = self._refresh_state(self._reload(record))
-            if record.obj.State == InstanceState.running.value:
-                return record.obj
-            record.obj.State = InstanceState.pending.value
-            self.store.instances.update(record)
-            try:
-                await provider.launch(record.id, LaunchSpec.from_dict(record.internal["spec"]))
-            except BaseException:
-                record.obj.State = InstanceState.error.value
-                self.store.instances.update(record)
-                raise
-            record.obj.State = InstanceState.running.value
-            self.store.instances.update(record)
+            if record.obj.State != InstanceState.running.value:
+                await self._boot(record, provider, LaunchSpec.from_dict(record.internal["spec"]))
         return record.obj
+
+    async def _boot(self, record: Record[Instance], provider: Provider, spec: LaunchSpec) -> None:
+        """pending → running, or error if the VM does not start; the caller holds the instance lock."""
+        self._set_state(record, InstanceState.pending)
+        try:
+            await provider.launch(record.id, spec)
+        except BaseException:
+            self._set_state(record, InstanceState.error)
+            raise
+        self._set_state(record, InstanceState.running)
+
+    def _set_state(self, record: Record[Instance], state: InstanceState) -> None:
+        record.obj.State = state.value
+        self.store.instances.update(record)
 
     async def stop_instance(self, ref: str) -> Instance:
         record = self.store.instances.find(ref)
@@ -334,8 +333,7 @@ class Manager:
         async with self._lock(record.id):
             await provider.stop(record.id)
             record = self._reload(record)
-            record.obj.State = InstanceState.stopped.value
-            self.store.instances.update(record)
+            self._set_state(record, InstanceState.stopped)
         return record.obj
 
     async def delete_instance(self, ref: str, *, force: bool = False) -> None:

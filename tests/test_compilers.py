@@ -28,12 +28,15 @@ HELLO = '#include <stdio.h>\nint main(void) { puts("hello from unik"); return 0;
 
 @requires_musl
 def test_available_lists_linux_c_qemu() -> None:
-    assert CompilerRegistry(["qemu"]).available() == ["linux-c-qemu"]
+    # The language compilers are listed too when their toolchains are installed.
+    assert [n for n in CompilerRegistry(["qemu"]).available() if n.startswith("linux-c-")] == ["linux-c-qemu"]
 
 
 @requires_musl
 def test_available_is_sorted_per_provider() -> None:
-    assert CompilerRegistry(["zz", "qemu"]).available() == ["linux-c-qemu", "linux-c-zz"]
+    available = CompilerRegistry(["zz", "qemu"]).available()
+    assert available == sorted(available)
+    assert {"linux-c-qemu", "linux-c-zz"} <= set(available)
 
 
 def test_no_providers_no_compilers() -> None:
@@ -56,7 +59,7 @@ def test_lookup_and_require_find_the_compiler() -> None:
     ("base", "lang", "provider", "bad"),
     [
         ("rump", "c", "qemu", "'rump'"),
-        ("linux", "go", "qemu", "'go'"),
+        ("linux", "cobol", "qemu", "'cobol'"),
         ("linux", "c", "virtualbox", "'virtualbox'"),
         ("", "", "", "''"),
     ],
@@ -72,7 +75,7 @@ def test_unknown_base_lang_or_provider_is_a_bad_request_listing_what_is_availabl
         registry.require(base, lang, provider)
 
     assert bad in info.value.message
-    assert "available: linux-c-qemu" in info.value.message
+    assert "available: " in info.value.message and "linux-c-qemu" in info.value.message
 
 
 def test_a_missing_toolchain_hides_the_compiler_and_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,7 +109,7 @@ def test_describe_compiler_returns_the_layout_text(api: TestClient) -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        {"provider": "qemu", "base": "linux", "lang": "go"},
+        {"provider": "qemu", "base": "linux", "lang": "cobol"},
         {"provider": "qemu", "base": "rump", "lang": "c"},
         {"provider": "aws", "base": "linux", "lang": "c"},
     ],
@@ -126,8 +129,8 @@ def test_describe_compiler_without_its_parameters_is_a_400(api: TestClient) -> N
 def test_available_compilers_endpoint(api: TestClient) -> None:
     response = api.get("/available_compilers")
     assert response.status_code == 200
-    expected = ["linux-c-qemu"] if shutil.which("musl-gcc") else []
-    assert response.json() == expected
+    assert response.json() == CompilerRegistry(["qemu"]).available()
+    assert ("linux-c-qemu" in response.json()) == bool(shutil.which("musl-gcc"))
 
 
 # -- linux-c compiling for real -------------------------------------------------------------

@@ -127,13 +127,18 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "kernel_cmdline": "quiet",
         "debugger_port": 1234,
         "no_graphic": False,
+        "network": "bridge",
+        "bridge": "br-test",
+        "subnet": "10.1.2.0/24",
+        "publish_address": "127.0.0.2",
+        "dns": "10.1.2.53",
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 
     config = load_daemon_config(path)
 
     assert config.qemu is not None
-    dumped = config.qemu.model_dump()
+    dumped = config.qemu.model_dump(mode="json")
     dumped["kernel_dir"] = str(dumped["kernel_dir"])
     assert dumped == options
     assert config.build_timeout == 5

@@ -8,11 +8,12 @@ command's `--host`, the global `unik --host`, `UNIK_HOST`, `host:` in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -30,8 +31,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from unik.client import DEFAULT_HOST, UnikClient, UnikClientError
-from unik.models import HubConfig, Image, Instance, Volume
+from unik.client import DEFAULT_HOST, HubProgressCallback, UnikClient, UnikClientError
+from unik.models import HubConfig, HubTransfer, Image, Instance, Volume
 
 app = typer.Typer(
     name="unik",
@@ -231,6 +232,18 @@ def _parse_vols(values: Iterable[str] | None) -> dict[str, str]:
     return mounts
 
 
+def _parse_publish(values: Iterable[str] | None) -> list[dict[str, Any]]:
+    """`--publish 18080:8080` or `18080:8080/udp`, as `docker run -p` spells it."""
+    ports: list[dict[str, Any]] = []
+    for value in values or ():
+        mapping, _, protocol = value.partition("/")
+        host_port, sep, guest_port = mapping.partition(":")
+        if not sep or not host_port.isdigit() or not guest_port.isdigit():
+            raise ValueError(f"--publish expects HOST:GUEST[/tcp|/udp], got {value!r}")
+        ports.append({"HostPort": int(host_port), "GuestPort": int(guest_port), "Protocol": protocol or "tcp"})
+    return ports
+
+
 @app.callback()
 def _root(
     host: Annotated[
@@ -347,6 +360,10 @@ def run(
     no_cleanup: Annotated[bool, typer.Option("--no-cleanup", help="Keep the instance's files on failure.")] = False,
     debug_mode: Annotated[bool, typer.Option("--debug-mode", help="Boot in debug mode.")] = False,
     host: HostOpt = None,
+    publish: Annotated[
+        list[str] | None,
+        typer.Option("--publish", "-p", help="HOST:GUEST[/udp]: forward a host port to the guest (repeatable)."),
+    ] = None,
 ) -> None:
     """Boot an instance of an image."""
     instance = _client(host).instances.run(
@@ -357,6 +374,7 @@ def run(
         memory_mb=instance_memory,
         no_cleanup=no_cleanup,
         debug_mode=debug_mode,
+        ports=_parse_publish(publish),
     )
     print_instances([instance])
 
@@ -552,21 +570,56 @@ def _hub_config() -> HubConfig:
 
 @command("login")
 def login(
-    url: Annotated[str, typer.Option("--url", help="URL of the image hub.")],
-    user: Annotated[str, typer.Option("--user", help="Hub user name.")],
-    password: Annotated[str, typer.Option("--pass", prompt=True, hide_input=True, help="Hub password.")],
+    url: Annotated[str, typer.Option("--url", help="URL of the image hub (an S3-compatible endpoint).")],
+    user: Annotated[str, typer.Option("--user", help="Hub user name (the S3 access key id).")],
+    password: Annotated[
+        str, typer.Option("--pass", prompt=True, hide_input=True, help="Hub password (the S3 secret key).")
+    ],
 ) -> None:
     """Save image hub credentials (~/.unik/hub-config.yaml)."""
     path = hub_config_path()
-    _write_yaml(path, {"url": url, "username": user, "password": password})
+    _write_yaml(path, {"url": url, "user": user, "pass": password})
     typer.echo(f"hub credentials saved in {path}")
+
+
+@contextlib.contextmanager
+def _transfer_progress(image: str) -> Iterator[tuple[HubProgressCallback, list[HubTransfer]]]:
+    """A bar with bytes and rate fed by the daemon's view of the transfer; yields the last one seen."""
+    seen: list[HubTransfer] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{image}: starting", total=None)
+
+        def show(transfer: HubTransfer) -> None:
+            seen[:] = [transfer]
+            bar.update(
+                task, description=f"{image}: {transfer.Phase}", completed=transfer.Bytes, total=transfer.Total or None
+            )
+
+        yield show, seen
+
+
+def _transfer_summary(seen: list[HubTransfer]) -> str:
+    if not seen or not seen[-1].Total:
+        return ""
+    transfer = seen[-1]
+    megabytes = transfer.Total / 1e6
+    return f" ({megabytes:.1f} MB in {transfer.Seconds:.1f} s, {megabytes / max(transfer.Seconds, 1e-3):.1f} MB/s)"
 
 
 @command("push")
 def push(image: Annotated[str, typer.Option("--image")], host: HostOpt = None) -> None:
     """Push an image to the hub."""
-    _client(host).images.push(image, _hub_config())
-    typer.echo(f"pushed image {image}")
+    with _transfer_progress(image) as (show, seen):
+        _client(host).images.push(image, _hub_config(), progress=show)
+    typer.echo(f"pushed image {image}{_transfer_summary(seen)}")
 
 
 @command("pull")
@@ -577,8 +630,9 @@ def pull(
     host: HostOpt = None,
 ) -> None:
     """Pull an image from the hub."""
-    _client(host).images.pull(image, _hub_config(), provider, force=force)
-    typer.echo(f"pulled image {image}")
+    with _transfer_progress(image) as (show, seen):
+        _client(host).images.pull(image, _hub_config(), provider, force=force, progress=show)
+    typer.echo(f"pulled image {image}{_transfer_summary(seen)}")
 
 
 @command("remote-delete")
@@ -586,6 +640,13 @@ def remote_delete(image: Annotated[str, typer.Option("--image")], host: HostOpt 
     """Delete an image from the hub."""
     _client(host).images.remote_delete(image, _hub_config())
     typer.echo(f"deleted image {image} from the hub")
+
+
+@command("search")
+def search(host: HostOpt = None) -> None:
+    """List the images on the hub (the daemon asks the hub with your credentials)."""
+    found = _client(host).hub.search(_hub_config())
+    _table(("NAME", "USER", "SIZE(MB)", "UPDATED"), ((i.Name, i.User, i.SizeMb, i.Updated) for i in found))
 
 
 def main() -> None:

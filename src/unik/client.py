@@ -17,6 +17,7 @@ import json
 import os
 import tarfile
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,12 +26,13 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from unik.models import HubConfig, Image, Instance, RunInstanceRequest, Volume
+from unik.models import HubConfig, HubImage, HubTransfer, Image, Instance, PortMapping, RunInstanceRequest, Volume
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DEFAULT_TIMEOUT",
+    "HubProgressCallback",
     "ProgressCallback",
     "UnikAPIError",
     "UnikClient",
@@ -47,6 +49,12 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as `progress(sent_bytes, total_bytes)` while an upload body is sent."""
+
+HubProgressCallback = Callable[[HubTransfer], None]
+"""Called with the daemon's view of a hub push or pull, a few times a second while it runs."""
+
+# How often a push or pull in progress asks the daemon how far it got.
+_TRANSFER_POLL_SECONDS = 0.25
 
 _CHUNK = 64 * 1024
 
@@ -267,12 +275,17 @@ class ImageCollection(_Collection):
     def delete(self, name: str, force: bool = False) -> None:
         self._client._request("DELETE", f"/images/{_seg(name)}", params={"force": _flag(force)})
 
-    def push(self, name: str, hub: HubConfig) -> None:
-        self._client._request("POST", f"/images/push/{_seg(name)}", **_hub_body(hub))
+    def push(self, name: str, hub: HubConfig, progress: HubProgressCallback | None = None) -> None:
+        """Upload an image to the hub; the daemon does the transfer, `progress` watches it."""
+        with self._client._watch_transfer(name, "push", progress):
+            self._client._request("POST", f"/images/push/{_seg(name)}", **_hub_body(hub))
 
-    def pull(self, name: str, hub: HubConfig, provider: str, force: bool = False) -> None:
+    def pull(
+        self, name: str, hub: HubConfig, provider: str, force: bool = False, progress: HubProgressCallback | None = None
+    ) -> None:
         params = {"provider": provider, "force": _flag(force)}
-        self._client._request("POST", f"/images/pull/{_seg(name)}", params=params, **_hub_body(hub))
+        with self._client._watch_transfer(name, "pull", progress):
+            self._client._request("POST", f"/images/pull/{_seg(name)}", params=params, **_hub_body(hub))
 
     def remote_delete(self, name: str, hub: HubConfig) -> None:
         self._client._request("POST", f"/images/remote-delete/{_seg(name)}", **_hub_body(hub))
@@ -287,11 +300,22 @@ def _hub_body(hub: HubConfig) -> dict[str, Any]:
 class HubCollection(_Collection):
     """Image hub operations; the same routes as `images.push/pull/remote_delete`."""
 
-    def push(self, name: str, hub: HubConfig) -> None:
-        self._client.images.push(name, hub)
+    def push(self, name: str, hub: HubConfig, progress: HubProgressCallback | None = None) -> None:
+        self._client.images.push(name, hub, progress=progress)
 
-    def pull(self, name: str, hub: HubConfig, provider: str, force: bool = False) -> None:
-        self._client.images.pull(name, hub, provider, force=force)
+    def pull(
+        self, name: str, hub: HubConfig, provider: str, force: bool = False, progress: HubProgressCallback | None = None
+    ) -> None:
+        self._client.images.pull(name, hub, provider, force=force, progress=progress)
+
+    def search(self, hub: HubConfig) -> list[HubImage]:
+        """The images on the hub (a daemon addition: `POST /hub/search`)."""
+        response = self._client._request("POST", "/hub/search", **_hub_body(hub))
+        return [HubImage.model_validate(x) for x in response.json() or []]
+
+    def transfers(self) -> list[HubTransfer]:
+        """Pushes and pulls the daemon is doing now (a daemon addition: `GET /hub/transfers`)."""
+        return [HubTransfer.model_validate(x) for x in self._client._get_json("/hub/transfers") or []]
 
     def delete(self, name: str, hub: HubConfig) -> None:
         self._client.images.remote_delete(name, hub)
@@ -317,8 +341,10 @@ class InstanceCollection(_Collection):
         memory_mb: int = 0,
         no_cleanup: bool = False,
         debug_mode: bool = False,
+        ports: Sequence[PortMapping | Mapping[str, Any]] | None = None,
     ) -> Instance:
-        """Boot a new instance; `mounts` maps a mount point to a volume name or id."""
+        """Boot a new instance; `mounts` maps a mount point to a volume name or id; `ports`
+        publishes host ports (``{"HostPort": 18080, "GuestPort": 8080, "Protocol": "tcp"}``)."""
         request = RunInstanceRequest(
             InstanceName=name,
             ImageName=image,
@@ -328,10 +354,15 @@ class InstanceCollection(_Collection):
             NoCleanup=no_cleanup,
             DebugMode=debug_mode,
         )
+        # Without ports the body is exactly what the Go client sends.
+        body = request.model_dump(mode="json", exclude={"Ports"})
+        if ports:
+            # Sent as given: the daemon validates them and answers 400 with a message.
+            body["Ports"] = [p.model_dump() if isinstance(p, PortMapping) else dict(p) for p in ports]
         response = self._client._request(
             "POST",
             "/instances/run",
-            content=request.model_dump_json().encode(),
+            content=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         return Instance.model_validate(response.json())
@@ -524,6 +555,33 @@ class UnikClient:
         finally:
             if stream and not response.is_success:
                 response.close()
+
+    @contextlib.contextmanager
+    def _watch_transfer(self, image: str, direction: str, progress: HubProgressCallback | None) -> Iterator[None]:
+        """While the body runs, report the daemon's progress on `image` to `progress`."""
+        if progress is None:
+            yield
+            return
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(_TRANSFER_POLL_SECONDS):
+                try:
+                    transfers = self.hub.transfers()
+                except UnikClientError:
+                    return  # e.g. the original daemon, which has no such route: no progress then
+                for transfer in transfers:
+                    if transfer.Direction == direction and image in (transfer.Image, transfer.ImageId):
+                        progress(transfer)
+                        break
+
+        watcher = threading.Thread(target=poll, name="unik-transfer-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     def _get_json(self, path: str) -> Any:
         response = self._request("GET", path)

@@ -7,11 +7,13 @@ use the first entry of each kind.
 
 from __future__ import annotations
 
+import re
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class QemuProviderConfig(BaseModel):
@@ -30,6 +32,25 @@ class QemuProviderConfig(BaseModel):
     kernel_cmdline: str = ""
     debugger_port: int = 0
     no_graphic: bool = True
+    # user: qemu's user-mode stack, reachable through published ports (no privileges needed);
+    # bridge: a tap per instance on `bridge`, with an address from `subnet` (needs root).
+    network: Literal["user", "bridge", "none"] = "user"
+    # A Linux interface name: at most 15 characters.
+    bridge: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    subnet: IPv4Network | None = None
+    # The host address published ports listen on; 127.0.0.1 keeps instances off the network.
+    publish_address: IPv4Address = IPv4Address("127.0.0.1")
+    # The guest's resolver in bridge mode (default: the bridge's own address).
+    dns: IPv4Address | None = None
+
+    @model_validator(mode="after")
+    def _bridge_needs_names(self) -> QemuProviderConfig:
+        if self.network == "bridge":
+            if not self.bridge or self.subnet is None:
+                raise ValueError("network: bridge needs `bridge` (an interface name) and `subnet` (e.g. 10.77.0.0/24)")
+            if self.subnet.num_addresses < 4:
+                raise ValueError(f"subnet {self.subnet} is too small: it needs a gateway and instance addresses")
+        return self
 
 
 class ProvidersConfig(BaseModel):
@@ -38,15 +59,59 @@ class ProvidersConfig(BaseModel):
     qemu: list[QemuProviderConfig] = Field(default_factory=lambda: [QemuProviderConfig()])
 
 
+class HubSettings(BaseModel):
+    """Where the image hub keeps images; the endpoint and credentials come with each request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    bucket: str = Field(default="unik-hub", min_length=3, max_length=63)
+    region: str = "us-east-1"
+    # {user} is the hub user name, {image} the image name: the original UniK hub's layout.
+    key: str = "{user}/{image}/latest"
+    # Path style works with every S3-compatible store (MinIO, Ceph, moto); AWS accepts both.
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    # Memory held by one transfer is about chunk size x concurrency, whatever the image size.
+    multipart_chunk_mb: int = Field(default=8, ge=5, le=512)
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+    connect_timeout: float = Field(default=10, gt=0)
+    read_timeout: float = Field(default=120, gt=0)
+
+    @model_validator(mode="after")
+    def _key_names_the_image(self) -> HubSettings:
+        if "{image}" not in self.key:
+            raise ValueError("hub.key must contain {image}")
+        unknown = set(re.findall(r"{([^}]*)}", self.key)) - {"user", "image"}
+        if unknown:
+            raise ValueError(f"hub.key: unknown placeholder(s) {sorted(unknown)}; use {{user}} and {{image}}")
+        return self
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    hub: HubSettings = Field(default_factory=HubSettings)
     max_upload_mb: int = Field(default=1024, gt=0)
     # Unpacked sources may be bigger than the upload; this bounds decompression bombs.
     max_unpacked_mb: int = Field(default=4096, gt=0)
     build_timeout: int = Field(default=600, gt=0)
+    # Volume files are sparse, but an app may fill them: this bounds the host disk one can take.
+    max_volume_mb: int = Field(default=65536, gt=0)
     version: str = ""
+    # Whether builds may download (go modules, pip's index, npm ci); off, an upload must carry
+    # its dependencies (vendor/, wheels/, node_modules/).
+    build_network: bool = False
+    # The interpreters and JDK the language compilers pack (None: the distribution's / PATH's).
+    python_interpreter: str | None = None
+    node_binary: str | None = None
+    java_home: Path | None = None
+    # When set (or $UNIK_AUTH_TOKEN), every route wants `Authorization: Bearer <token>`.
+    auth_token: str | None = Field(default=None, min_length=8)
+    # Running (or starting) instances at once; more is a 409, before anything starts.
+    max_running_instances: int = Field(default=64, gt=0)
+    # HTTPS: handed to uvicorn as they are (PEM files).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
 
     @property
     def qemu(self) -> QemuProviderConfig | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,14 +31,27 @@ def build_manager(data_dir: Path, config: DaemonConfig) -> Manager:
     if config.qemu is not None:
         providers["qemu"] = QemuProvider(config.qemu, data_dir)
     store = Store(data_dir / "unik.db")
-    manager = Manager(config, data_dir, store, providers, CompilerRegistry(sorted(providers)))
+    compilers = CompilerRegistry(sorted(providers), config, data_dir / "cache")
+    manager = Manager(config, data_dir, store, providers, compilers)
     manager.recover()
     return manager
 
 
 def build_app(data_dir: Path, config_file: Path | None = None) -> FastAPI:
     config_file = config_file or data_dir / "daemon-config.yaml"
-    return create_app(build_manager(data_dir, load_daemon_config(config_file)))
+    config = load_daemon_config(config_file)
+    if config.auth_token is None and os.environ.get("UNIK_AUTH_TOKEN"):
+        config.auth_token = os.environ["UNIK_AUTH_TOKEN"]
+    return create_app(build_manager(data_dir, config))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(host: str, port: int, data_dir: Path, config_file: Path | None, debug: bool) -> None:
@@ -51,5 +66,21 @@ def serve(host: str, port: int, data_dir: Path, config_file: Path | None, debug:
     tempfile.tempdir = str(app.state.manager.tmp_dir)
     for name, provider in app.state.manager.providers.items():
         log.info("provider %s: %s", name, provider.status())
-    log.info("unik daemon on http://%s:%d, data in %s", host, port, data_dir)
-    uvicorn.run(app, host=host, port=port, log_level="debug" if debug else "info", timeout_graceful_shutdown=5)
+    if app.state.manager.config.auth_token is None and not _is_loopback(host):
+        log.warning(
+            "listening on %s without a token: anyone who can reach this port can run code here; "
+            "set auth_token in the config or UNIK_AUTH_TOKEN",
+            host,
+        )
+    scheme = "https" if app.state.manager.config.tls_certfile else "http"
+    log.info("unik daemon on %s://%s:%d, data in %s", scheme, host, port, data_dir)
+    config = app.state.manager.config
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="debug" if debug else "info",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=config.tls_certfile,
+        ssl_keyfile=config.tls_keyfile,
+    )

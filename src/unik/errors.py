@@ -17,6 +17,10 @@ class Unauthorized(UnikError):
     status = 401
 
 
+class Forbidden(UnikError):
+    status = 403
+
+
 class NotFound(UnikError):
     status = 404
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -17,34 +18,42 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from unik import guest
+from unik import guest, hub, volumes
 from unik.archive import safe_extract
 from unik.compilers import CompilerRegistry
 from unik.config import DaemonConfig
-from unik.errors import BadRequest, Conflict, NotFound, NotImplementedByProvider, UnikError
+from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError
 from unik.models import (
     DeviceMapping,
+    HubConfig,
+    HubImage,
+    HubTransfer,
     Image,
     ImageRunSpec,
     ImageStageSpec,
     Instance,
     InstanceState,
     RunInstanceRequest,
+    Volume,
     is_valid_name,
     now_rfc3339,
 )
-from unik.providers.base import LaunchSpec, Provider
+from unik.providers.base import LaunchSpec, Provider, VolumeAttachment
 from unik.store import Record, Store
 
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL = 0.5
 LOG_POLL_INTERVAL = 0.05
-# Kernel modules every image carries; the cloud kernel has the serial console, ext4 and
-# the i8042 keyboard controller (graceful stop) built in, so a plain app needs none yet.
-BASE_MODULES: list[str] = []
+# Kernel modules every image carries (the cloud kernel has the serial console, ext4 and the
+# i8042 keyboard controller built in): virtio disks for volumes, the virtio-serial port that
+# carries the control channel, FAT with its code pages for `fat` volumes, and the virtio NIC
+# (with its failover deps) that every network mode but `none` plugs in.
+BASE_MODULES: list[str] = [
+    "virtio_pci", "virtio_blk", "virtio_console", "vfat", "nls_cp437", "nls_utf8", "nls_ascii", "virtio_net",
+]  # fmt: skip
 
 LIVE_STATES = {InstanceState.running.value, InstanceState.pending.value}
 
@@ -66,10 +75,12 @@ class Manager:
         self.images_dir = data_dir / "images"
         self.tmp_dir = data_dir / "tmp"
         self.cache_dir = data_dir / "cache"
-        for folder in (self.images_dir, self.tmp_dir, self.cache_dir):
+        self.volumes_dir = data_dir / "volumes"
+        for folder in (self.images_dir, self.tmp_dir, self.cache_dir, self.volumes_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
+        self._creating_volumes: set[str] = set()
 
     # -- start-up and monitoring ---------------------------------------------------------
 
@@ -80,6 +91,11 @@ class Manager:
         known = {r.id for r in self.store.images.all()}
         for folder in self.images_dir.iterdir():
             if folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
+        # A crash between building a volume's disk and recording it leaves an orphan folder.
+        known_volumes = {r.id for r in self.store.volumes.all()}
+        for folder in self.volumes_dir.iterdir():
+            if folder.name not in known_volumes:
                 shutil.rmtree(folder, ignore_errors=True)
         for record in self.store.instances.all():
             self._refresh_state(record)
@@ -92,6 +108,9 @@ class Manager:
         if alive and record.obj.State == InstanceState.running.value:
             return record
         if not alive:
+            if provider is not None:
+                # The VM ended on its own: what it held on the host (its tap) goes now.
+                provider.release_network(record.id)
             with contextlib.suppress(NotFound):
                 self._set_state(record, InstanceState.stopped)
         return record
@@ -209,7 +228,7 @@ class Manager:
                         DeviceMapping(MountPoint=m, DeviceName=f"/dev/vd{chr(ord('b') + i)}")
                         for i, m in enumerate(mount_points)
                     ],
-                    DefaultInstanceMemory=provider_default_memory(self.config),
+                    DefaultInstanceMemory=max(provider_default_memory(self.config), bundle.memory_mb),
                     Compiler=compiler.name,
                 ),
             )
@@ -262,19 +281,22 @@ class Manager:
         if not request.ImageName:
             raise BadRequest("ImageName is required")
         image = self.store.images.find(request.ImageName)
-        if request.Mounts:
-            raise NotImplementedByProvider("volumes are not implemented yet: Mounts cannot be honoured")
         provider = self.provider(image.internal["provider"])
+        mounts = self._resolve_mounts(image, request.Mounts or {})
         memory = request.MemoryMb or image.obj.RunSpec.DefaultInstanceMemory
         max_memory = provider_max_memory(self.config)
         if memory <= 0 or memory > max_memory:
             raise BadRequest(f"MemoryMb must be between 1 and {max_memory}")
         env = _check_env(request.Env or {})
+        ports = [p.model_dump() for p in request.Ports or []]
+        self._check_ports(provider, None, ports)
+        instance_id = uuid.uuid4().hex
+        ip_address, guest_address = self._address(provider, instance_id)
         instance = Instance(
-            Id=uuid.uuid4().hex,
+            Id=instance_id,
             Name=request.InstanceName,
             State=InstanceState.pending.value,
-            IpAddress="",
+            IpAddress=ip_address,
             ImageId=image.id,
             Infrastructure=image.obj.Infrastructure,
             Created=now_rfc3339(),
@@ -286,23 +308,95 @@ class Manager:
             env=env,
             hostname=request.InstanceName,
             debug_mode=request.DebugMode,
+            ports=ports,
+            address=guest_address,
         )
         record = Record(
             instance,
             {"provider": provider.name, "spec": spec.to_dict(), "no_cleanup": request.NoCleanup},
         )
-        self.store.instances.insert(record)
+        try:
+            self.store.instances.insert(record)
+        except BaseException:
+            self.store.release_address(instance.Id)
+            raise
         async with self._lock(instance.Id):
             try:
+                self._claim_volumes(instance.Id, mounts)
                 await self._boot(record, provider, spec)
             except BaseException:
                 if request.NoCleanup:
                     log.warning("no_cleanup: failed instance %s and its files are kept", instance.Name)
                 else:
                     await provider.remove(instance.Id)
+                    self._release_volumes(instance.Id)
                     self.store.instances.delete(instance.Id)
+                    self.store.release_address(instance.Id)
                 raise
         return record.obj
+
+    def _check_ports(self, provider: Provider, instance_id: str | None, ports: list[dict[str, Any]]) -> None:
+        """Before anything starts: 400 for a port given twice, 409 for one that is taken."""
+        wanted: set[tuple[int, str]] = set()
+        for port in ports:
+            key = (int(port["HostPort"]), str(port["Protocol"]))
+            if key in wanted:
+                raise BadRequest(f"host port {key[0]}/{key[1]} is published twice")
+            wanted.add(key)
+        if not ports:
+            return
+        # A booting instance has not bound its ports yet: only the records know about it.
+        for other in self.store.instances.all():
+            if other.id == instance_id or other.obj.State not in LIVE_STATES:
+                continue
+            held = {(int(p["HostPort"]), str(p["Protocol"])) for p in other.internal.get("spec", {}).get("ports", [])}
+            clash = sorted(wanted & held)
+            if clash:
+                raise Conflict(f"host port {clash[0][0]}/{clash[0][1]} is published by instance {other.name!r}")
+        provider.check_ports_free(ports)
+
+    def _address(self, provider: Provider, instance_id: str) -> tuple[str, str]:
+        """(IpAddress, the guest's address with prefix): its own address on a bridge network,
+        else the host address its published ports listen on (the guest is not reachable directly)."""
+        subnet = provider.instance_subnet()
+        if subnet is None:
+            return provider.publish_address() or "", ""
+        address = self.store.allocate_address(instance_id, provider.address_candidates())
+        return address, f"{address}/{subnet.prefixlen}"
+
+    def _resolve_mounts(self, image: Record[Image], requested: dict[str, str]) -> dict[str, Record[Volume]]:
+        """Mount point → volume, checked before anything starts."""
+        points = _mount_points(list(requested))
+        if len(points) != len(requested):
+            raise BadRequest("Mounts: each mount point must be given once")
+        expected = [m.MountPoint for m in image.obj.RunSpec.DeviceMappings]
+        missing = [point for point in expected if point not in requested]
+        if missing:
+            raise BadRequest(f"image {image.name!r} expects volumes at {', '.join(missing)}: give them in Mounts")
+        mounts: dict[str, Record[Volume]] = {}
+        for point, ref in requested.items():
+            volume = self.store.volumes.find(ref)
+            if volume.obj.Attachment:
+                raise Conflict(f"volume {volume.name!r} is attached to instance {volume.obj.Attachment}")
+            if any(v.id == volume.id for v in mounts.values()):
+                raise BadRequest(f"volume {volume.name!r} is given for two mount points")
+            mounts[point] = volume
+        return mounts
+
+    def _claim_volumes(self, instance_id: str, mounts: dict[str, Record[Volume]]) -> None:
+        for point, volume in mounts.items():
+            if not self.store.set_volume_attachment(volume.id, instance_id, point, expect=""):
+                raise Conflict(f"volume {volume.name!r} was attached to another instance meanwhile")
+
+    def _release_volumes(self, instance_id: str) -> None:
+        for volume in self.store.volumes.all():
+            if volume.obj.Attachment == instance_id:
+                self.store.set_volume_attachment(volume.id, "", None, expect=instance_id)
+
+    def _attachments(self, instance_id: str) -> list[VolumeAttachment]:
+        return [
+            _attachment(volume) for volume in self.store.volumes.all() if volume.obj.Attachment == instance_id
+        ]
 
     async def start_instance(self, ref: str) -> Instance:
         record = self.store.instances.find(ref)
@@ -310,12 +404,19 @@ class Manager:
         async with self._lock(record.id):
             record = self._refresh_state(self._reload(record))
             if record.obj.State != InstanceState.running.value:
-                await self._boot(record, provider, LaunchSpec.from_dict(record.internal["spec"]))
+                spec = LaunchSpec.from_dict(record.internal["spec"])
+                self._check_ports(provider, record.id, spec.ports)
+                await self._boot(record, provider, spec)
         return record.obj
 
     async def _boot(self, record: Record[Instance], provider: Provider, spec: LaunchSpec) -> None:
         """pending → running, or error if the VM does not start; the caller holds the instance lock."""
+        others = [r for r in self.store.instances.all() if r.id != record.id and r.obj.State in LIVE_STATES]
+        cap = self.config.max_running_instances
+        if len(others) >= cap:
+            raise Conflict(f"{cap} instances are already running (max_running_instances): stop one first")
         self._set_state(record, InstanceState.pending)
+        spec.volumes = self._attachments(record.id)
         try:
             await provider.launch(record.id, spec)
         except BaseException:
@@ -345,13 +446,66 @@ class Manager:
                 raise Conflict(f"instance {record.name!r} is running (stop it first, or use force)")
             if provider is not None:
                 await provider.remove(record.id, keep_files=bool(record.internal.get("no_cleanup")))
+            # The VM is gone, so its disks are: the volumes (and their data) stay, detached.
+            self._release_volumes(record.id)
             self.store.instances.delete(record.id)
+            self.store.release_address(record.id)
         self._instance_locks.pop(record.id, None)
 
     def _reload(self, record: Record[Instance]) -> Record[Instance]:
         fresh = self.store.instances.get(record.id)
         if fresh is None:
             raise NotFound(f"instance {record.name!r} not found")
+        return fresh
+
+    # -- attaching volumes ------------------------------------------------------------------
+
+    async def attach_volume(self, volume_ref: str, instance_ref: str, mount: str) -> str:
+        """Attach a volume at `mount`: hot-plugged and mounted now if the instance runs,
+        otherwise mounted at its next start."""
+        point = _mount_points([mount])[0] if mount.strip() else ""
+        if not point:
+            raise BadRequest("mount: an absolute mount point is required")
+        volume = self.store.volumes.find(volume_ref)
+        instance = self.store.instances.find(instance_ref)
+        provider = self.provider(instance.internal["provider"])
+        async with self._lock(instance.id):
+            if volume.obj.Attachment:
+                raise Conflict(f"volume {volume.name!r} is already attached to instance {volume.obj.Attachment}")
+            taken = [v.mount for v in self._attachments(instance.id)]
+            if point in taken:
+                raise Conflict(f"instance {instance.name!r} already has a volume at {point}")
+            if not self.store.set_volume_attachment(volume.id, instance.id, point, expect=""):
+                raise Conflict(f"volume {volume.name!r} was attached to another instance meanwhile")
+            if provider.alive(instance.id):
+                try:
+                    await provider.attach_volume(instance.id, _attachment(self._reload_volume(volume)))
+                except BaseException:
+                    self.store.set_volume_attachment(volume.id, "", None, expect=instance.id)
+                    raise
+        return volume.name
+
+    async def detach_volume(self, volume_ref: str) -> str:
+        """Unmounted by the guest first (409 if busy: it stays attached and intact), then unplugged."""
+        volume = self.store.volumes.find(volume_ref)
+        instance_id = volume.obj.Attachment
+        if not instance_id:
+            raise Conflict(f"volume {volume.name!r} is not attached")
+        instance = self.store.instances.get(instance_id)
+        provider = self.providers.get(instance.internal.get("provider", "")) if instance else None
+        async with self._lock(instance_id):
+            volume = self._reload_volume(volume)
+            if volume.obj.Attachment != instance_id:
+                raise Conflict(f"volume {volume.name!r} changed while waiting; try again")
+            if provider is not None and provider.alive(instance_id):
+                await provider.detach_volume(instance_id, _attachment(volume))
+            self.store.set_volume_attachment(volume.id, "", None, expect=instance_id)
+        return volume.name
+
+    def _reload_volume(self, volume: Record[Volume]) -> Record[Volume]:
+        fresh = self.store.volumes.get(volume.id)
+        if fresh is None:
+            raise NotFound(f"volume {volume.name!r} not found")
         return fresh
 
     # -- logs --------------------------------------------------------------------------------
@@ -401,6 +555,208 @@ class Manager:
         except Exception:
             log.exception("deleting instance %s after its log stream ended failed", instance_id)
 
+    # -- volumes -----------------------------------------------------------------------------
+
+    def list_volumes(self) -> list[Volume]:
+        return [r.obj for r in self.store.volumes.all()]
+
+    def get_volume(self, ref: str) -> Volume:
+        return self.store.volumes.find(ref).obj
+
+    async def create_volume(
+        self,
+        name: str,
+        upload: BinaryIO | None,
+        *,
+        provider_name: str | None = None,
+        raw: bool = False,
+        fs_type: str | None = None,
+        size_mb: int = 0,
+        no_cleanup: bool = False,
+    ) -> Volume:
+        """A new volume: empty (size_mb required), filled from a tar.gz, or a raw disk image.
+
+        size_mb 0 with data fits the data (unik.volumes.DataUsage.fitted_mb).
+        """
+        _require_name(name, "volume")
+        provider = self.provider(provider_name or self._only_provider())
+        kind = volumes.check_fs_type(fs_type)
+        if raw:
+            if upload is None:
+                raise BadRequest("raw=true needs the disk image as the multipart file `tarfile`")
+            kind = "raw"
+        volumes.check_size(size_mb, self.config.max_volume_mb)
+        if name in self._creating_volumes or self.store.volumes.has_name(name):
+            raise Conflict(f"volume {name!r} already exists")
+        self._creating_volumes.add(name)
+        volume_id = uuid.uuid4().hex
+        work = self.tmp_dir / f"volume-{volume_id}"
+        final = self.volumes_dir / volume_id
+        try:
+            work.mkdir(parents=True)
+            disk = work / "disk.img"
+            if upload is None:
+                size = await volumes.create_empty(disk, kind, size_mb)
+            elif raw:
+                size = await volumes.create_raw(upload, disk, size_mb, max_mb=self.config.max_volume_mb)
+            else:
+                size = await volumes.create_from_tar(
+                    upload,
+                    work,
+                    disk,
+                    kind,
+                    size_mb,
+                    max_bytes=min(self.config.max_unpacked_mb, self.config.max_volume_mb) << 20,
+                    max_mb=self.config.max_volume_mb,
+                )
+            final.mkdir()
+            # Same filesystem as tmp: the disk appears complete or not at all.
+            disk.rename(final / "disk.img")
+            volume = Volume(
+                Id=volume_id,
+                Name=name,
+                SizeMb=size,
+                Attachment="",
+                Infrastructure=provider.infrastructure,
+                Created=now_rfc3339(),
+            )
+            internal = {"path": str(final / "disk.img"), "fs_type": kind, "provider": provider.name, "mount": None}
+            self.store.volumes.insert(Record(volume, internal))
+            log.info("created %s volume %s (%s, %d MB) in %s", kind, name, volume_id, size, final)
+            return volume
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        finally:
+            self._creating_volumes.discard(name)
+            if no_cleanup:
+                log.warning("no_cleanup: work files of volume %s kept in %s", name, work)
+            else:
+                await asyncio.to_thread(shutil.rmtree, work, True)
+
+    def _only_provider(self) -> str:
+        """API.md lists `provider` but older clients may leave it out: unambiguous only with one."""
+        if len(self.providers) == 1:
+            return next(iter(self.providers))
+        raise BadRequest(f"provider is required; available: {', '.join(self.available_providers()) or 'none'}")
+
+    async def delete_volume(self, ref: str, *, force: bool = False) -> None:
+        record = self.store.volumes.find(ref)
+        if record.obj.Attachment:
+            if not force:
+                raise Conflict(
+                    f"volume {record.name!r} is attached to instance {record.obj.Attachment} "
+                    "(detach it first, or use force)"
+                )
+            await self.detach_volume(record.id)
+            record = self._reload_volume(record)
+            if record.obj.Attachment:
+                raise Conflict(f"volume {record.name!r} was attached again meanwhile")
+        self.store.volumes.delete(record.id)
+        await asyncio.to_thread(shutil.rmtree, self.volumes_dir / record.id, True)
+        log.info("deleted volume %s (%s)", record.name, record.id)
+
+    # -- hub -----------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def hub_transfers(self) -> hub.TransferBoard:
+        return hub.TransferBoard()
+
+    def list_hub_transfers(self) -> list[HubTransfer]:
+        return self.hub_transfers.list()
+
+    async def push_image(self, ref: str, credentials: HubConfig) -> None:
+        """Upload the image as one artifact to `<user>/<name>/latest`, replacing what was there."""
+        record = self.store.images.find(ref)
+        remote = hub.Hub(self.config.hub, credentials)
+        folder = self.images_dir / record.id
+        manifest = hub.Manifest(
+            image=record.obj,
+            digest=record.internal["digest"],
+            provider=record.internal["provider"],
+            compiler=record.internal.get("compiler", ""),
+            kernel_version=record.internal.get("kernel_version", ""),
+            args=record.internal.get("args", []),
+        )
+        metadata_of = functools.partial(hub.artifact_metadata, digest=manifest.digest, provider=manifest.provider)
+        work = self.tmp_dir / f"push-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            with self.hub_transfers.track(record.name, record.id, "push", "packing") as transfer:
+                artifact = work / "image.tar"
+                sha256 = await asyncio.to_thread(
+                    hub.pack_artifact, manifest, folder / "kernel", folder / "initrd", artifact
+                )
+                await asyncio.to_thread(remote.push, record.name, artifact, metadata_of(sha256), transfer)
+            log.info("pushed image %s (%s) to %s", record.name, record.id, remote.where(record.name))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def pull_image(self, name: str, credentials: HubConfig, *, provider_name: str, force: bool = False) -> Image:
+        """Download, verify, then record: a damaged download leaves no image behind."""
+        _require_name(name, "image")
+        provider = self.provider(provider_name)
+        remote_hub = hub.Hub(self.config.hub, credentials)
+        if name in self._building:
+            raise Conflict(f"image {name!r} is being built or pulled right now")
+        if not force and self.store.images.has_name(name):
+            raise Conflict(f"image {name!r} already exists (use force to replace it)")
+        self._building.add(name)
+        image_id = uuid.uuid4().hex
+        work = self.tmp_dir / f"pull-{image_id}"
+        staging = work / "image"
+        final = self.images_dir / image_id
+        try:
+            with self.hub_transfers.track(name, image_id, "pull", "downloading") as transfer:
+                remote = await asyncio.to_thread(remote_hub.head, name)
+                hub.require_provider(name, remote.provider or provider_name, provider_name)
+                work.mkdir()
+                await asyncio.to_thread(remote_hub.download, remote, work / "image.tar", transfer)
+                transfer.begin("verifying")
+                manifest = await asyncio.to_thread(hub.unpack_artifact, work / "image.tar", remote.sha256, staging)
+                # The same function that made the digest at build time, over the files as unpacked.
+                digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
+            if digest != manifest.digest or (remote.digest and remote.digest != digest):
+                raise BadGateway(f"the pulled image's digest {digest} does not match the hub's {manifest.digest}")
+            hub.require_provider(name, manifest.provider, provider_name)
+            image = manifest.image.model_copy(
+                update={
+                    "Id": image_id,
+                    "Name": name,
+                    "SizeMb": max(1, math.ceil(size / (1 << 20))),
+                    "Infrastructure": provider.infrastructure,
+                }
+            )
+            staging.rename(final)
+            internal = {
+                "provider": provider_name,
+                "compiler": manifest.compiler,
+                "kernel_version": manifest.kernel_version,
+                "digest": digest,
+                "args": manifest.args,
+                "dir": str(final),
+                "pulled_from": remote_hub.where(name),
+            }
+            replaced = self.store.images.insert(Record(image, internal), replace_name=force)
+            if replaced is not None:
+                shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
+            log.info("pulled image %s (%s) from %s", name, image_id, remote_hub.where(name))
+            return image
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        finally:
+            self._building.discard(name)
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def remote_delete_image(self, name: str, credentials: HubConfig) -> None:
+        remote_hub = hub.Hub(self.config.hub, credentials)
+        await asyncio.to_thread(remote_hub.delete, name)
+        log.info("deleted image %s from %s", name, remote_hub.where(name))
+
+    async def search_hub(self, credentials: HubConfig) -> list[HubImage]:
+        return await asyncio.to_thread(hub.Hub(self.config.hub, credentials).search)
+
 
 _background: set[asyncio.Task[None]] = set()
 
@@ -424,11 +780,26 @@ def _mount_points(mounts: list[str]) -> list[str]:
         point = raw.strip()
         if not point:
             continue
-        if not point.startswith("/") or point == "/" or ".." in point.split("/") or "\x00" in point:
-            raise BadRequest(f"mount point {point!r} must be an absolute path below /")
+        if not point.startswith("/") or point == "/" or ".." in point.split("/") or _has_space_or_nul(point):
+            raise BadRequest(f"mount point {point!r} must be an absolute path below /, without spaces")
+        point = "/" + "/".join(part for part in point.split("/") if part not in ("", "."))
         if point not in points:
             points.append(point)
     return points
+
+
+def _attachment(volume: Record[Volume]) -> VolumeAttachment:
+    # virtio-blk serials hold 20 characters; 20 hex digits of a random id are unique enough.
+    return VolumeAttachment(
+        serial=volume.id[:20],
+        path=volume.internal["path"],
+        mount=volume.internal["mount"],
+        fs_type=volume.internal.get("fs_type", "raw"),
+    )
+
+
+def _has_space_or_nul(text: str) -> bool:
+    return any(c.isspace() or c == "\x00" for c in text)
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -116,6 +116,21 @@ class Volume(BaseModel):
     Created: str
 
 
+class PortMapping(BaseModel):
+    """A host port forwarded to a guest port (user-mode networking), like `docker run -p`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    HostPort: int = Field(ge=1, le=65535, description="port on the daemon's publish_address")
+    GuestPort: int = Field(ge=1, le=65535, description="port the app listens on inside the VM")
+    Protocol: Literal["tcp", "udp"] = "tcp"
+
+    @field_validator("Protocol", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
 class RunInstanceRequest(BaseModel):
     """Body of POST /instances/run, as the Go client sends it."""
 
@@ -128,6 +143,8 @@ class RunInstanceRequest(BaseModel):
     MemoryMb: int = 0
     NoCleanup: bool = False
     DebugMode: bool = False
+    # A daemon addition: clients that do not know it send nothing and publish nothing.
+    Ports: list[PortMapping] | None = None
 
     @field_serializer("Mounts", "Env")
     def _none_as_empty(self, value: dict[str, str] | None) -> dict[str, str]:
@@ -151,6 +168,27 @@ class HubConfig(BaseModel):
             user=str(lowered.get("username") or lowered.get("user") or ""),
             password=str(lowered.get("password") or lowered.get("pass") or ""),
         )
+
+
+class HubImage(BaseModel):
+    """One image on the hub, as `POST /hub/search` lists it (a daemon addition)."""
+
+    Name: str
+    User: str = ""
+    SizeMb: int
+    Updated: str
+
+
+class HubTransfer(BaseModel):
+    """A push or pull in progress, as `GET /hub/transfers` shows it (a daemon addition)."""
+
+    Image: str
+    ImageId: str
+    Direction: Literal["push", "pull"]
+    Phase: str = Field(description="packing, uploading, downloading or verifying")
+    Bytes: int = Field(description="bytes sent or received so far")
+    Total: int = Field(description="bytes to send or receive; 0 while unknown")
+    Seconds: float = Field(description="since the transfer started")
 
 
 class ErrorBody(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,14 @@ CREATE TABLE IF NOT EXISTS {table} (
     name TEXT NOT NULL UNIQUE,
     wire TEXT NOT NULL,
     internal TEXT NOT NULL DEFAULT '{{}}'
+);
+"""
+
+# Instance addresses on a bridge network: each held by one instance until it is deleted.
+_ADDRESSES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS addresses (
+    address TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL UNIQUE
 );
 """
 
@@ -136,6 +144,7 @@ class Store:
         with self.transaction() as db:
             for table in ("images", "instances", "volumes"):
                 db.execute(_SCHEMA.format(table=table))
+            db.execute(_ADDRESSES_SCHEMA)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -151,6 +160,46 @@ class Store:
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    def set_volume_attachment(self, volume_id: str, instance_id: str, mount: str | None, *, expect: str) -> bool:
+        """Attach (or detach, with instance_id "") only if the attachment is still `expect`:
+        two instances racing for one volume get exactly one winner."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM volumes WHERE id = ?", (volume_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"volume {volume_id!r} not found")
+            volume = Volume.model_validate_json(row["wire"])
+            if volume.Attachment != expect:
+                return False
+            volume.Attachment = instance_id
+            internal = json.loads(row["internal"])
+            internal["mount"] = mount
+            db.execute(
+                "UPDATE volumes SET wire = ?, internal = ? WHERE id = ?",
+                (_dump(volume), json.dumps(internal), volume_id),
+            )
+            return True
+
+    def allocate_address(self, instance_id: str, candidates: Iterable[str]) -> str:
+        """The instance's address: the one it already holds, else the first candidate nobody holds.
+
+        One transaction, and the address is the primary key: two daemons or two requests
+        can never hand out the same one.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT address FROM addresses WHERE instance_id = ?", (instance_id,)).fetchone()
+            if row is not None:
+                return str(row["address"])
+            taken = {r["address"] for r in db.execute("SELECT address FROM addresses")}
+            for address in candidates:
+                if address not in taken:
+                    db.execute("INSERT INTO addresses (address, instance_id) VALUES (?, ?)", (address, instance_id))
+                    return address
+        raise Conflict("no free address left in the instance subnet")
+
+    def release_address(self, instance_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM addresses WHERE instance_id = ?", (instance_id,))
 
     def close(self) -> None:
         with self._lock:

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from unik import __version__
-from unik.api import images, info, instances, volumes
+from unik.api import images, info, instances, volumes, web
+from unik.api.access import AccessGuard
 from unik.api.errors import ERROR_RESPONSES, install_error_handlers
 from unik.manager import Manager
 from unik.models import HubConfig, RunInstanceRequest
@@ -34,9 +35,13 @@ def create_app(manager: Manager) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.state.manager = manager
+    app.add_middleware(
+        AccessGuard, token=manager.config.auth_token, max_body_bytes=manager.config.max_upload_mb << 20
+    )
     install_error_handlers(app)
     for router in (info.router, images.router, instances.router, volumes.router):
         app.include_router(router)
+    web.install(app)
     _publish_body_schemas(app)
     return app
 
@@ -50,7 +55,10 @@ def _publish_body_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = generate()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["RunInstanceRequest"] = RunInstanceRequest.model_json_schema()
+        run_request = RunInstanceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        # Nested models (PortMapping) become components of their own, where the refs point.
+        components.update(run_request.pop("$defs", {}))
+        components["RunInstanceRequest"] = run_request
         components["HubConfig"] = HubConfig.model_json_schema()
         app.openapi_schema = schema
         return schema

@@ -18,10 +18,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "bad input",
+        401: "the image hub refused the credentials",
+        403: "the image hub denied access",
         404: "not found",
         409: "conflict",
         500: "internal fault",
         501: "the provider cannot do this",
+        502: "the image hub failed or sent a damaged image",
     }.items()
 }
 

@@ -1,15 +1,13 @@
-"""Images: list, describe, build from an uploaded tar.gz, delete; the hub routes."""
+"""Images: list, describe, build from an uploaded tar.gz, delete; the hub routes (push, pull, search)."""
 
 from __future__ import annotations
-
-from typing import NoReturn
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from unik.api.deps import ManagerDep
 from unik.api.params import NamePath, RefPath, json_body, query_or_form, truthy
-from unik.errors import BadRequest, NotImplementedByProvider, TooLarge
-from unik.models import HubConfig, Image
+from unik.errors import BadRequest, TooLarge
+from unik.models import HubConfig, HubImage, HubTransfer, Image
 
 router = APIRouter(tags=["images"])
 
@@ -72,30 +70,40 @@ async def delete_image(name: RefPath, manager: ManagerDep, force: str | None = Q
     return Response(status_code=204)
 
 
-async def _hub_not_ready(request: Request) -> NoReturn:
-    HubConfig.from_wire(await json_body(request))  # a malformed body is a 400 even now
-    raise NotImplementedByProvider("the image hub (S3 push/pull/remote-delete) is not implemented yet")
+async def _hub_config(request: Request) -> HubConfig:
+    return HubConfig.from_wire(await json_body(request))
 
 
-@router.post("/images/push/{name}", status_code=202, openapi_extra=_HUB_BODY)
-async def push_image(name: RefPath, request: Request, manager: ManagerDep) -> None:
-    manager.get_image(name)
-    await _hub_not_ready(request)
+@router.post("/images/push/{name}", status_code=202, response_class=Response, openapi_extra=_HUB_BODY)
+async def push_image(name: RefPath, request: Request, manager: ManagerDep) -> Response:
+    await manager.push_image(name, await _hub_config(request))
+    return Response(status_code=202)
 
 
-@router.post("/images/pull/{name}", status_code=202, openapi_extra=_HUB_BODY)
+@router.post("/images/pull/{name}", status_code=202, response_model=Image, openapi_extra=_HUB_BODY)
 async def pull_image(
     name: NamePath,
     request: Request,
     manager: ManagerDep,
     provider: str = Query(..., max_length=64),
     force: str | None = Query(None),
-) -> None:
-    del name, manager, provider, force
-    await _hub_not_ready(request)
+) -> Image:
+    return await manager.pull_image(name, await _hub_config(request), provider_name=provider, force=truthy(force))
 
 
-@router.post("/images/remote-delete/{name}", status_code=202, openapi_extra=_HUB_BODY)
-async def remote_delete_image(name: NamePath, request: Request) -> None:
-    del name
-    await _hub_not_ready(request)
+@router.post("/images/remote-delete/{name}", status_code=202, response_class=Response, openapi_extra=_HUB_BODY)
+async def remote_delete_image(name: NamePath, request: Request, manager: ManagerDep) -> Response:
+    await manager.remote_delete_image(name, await _hub_config(request))
+    return Response(status_code=202)
+
+
+@router.post("/hub/search", response_model=list[HubImage], tags=["hub"], openapi_extra=_HUB_BODY)
+async def search_hub(request: Request, manager: ManagerDep) -> list[HubImage]:
+    """Daemon addition: the images on the hub (POST: the credentials travel in the body)."""
+    return await manager.search_hub(await _hub_config(request))
+
+
+@router.get("/hub/transfers", response_model=list[HubTransfer], tags=["hub"])
+async def hub_transfers(manager: ManagerDep) -> list[HubTransfer]:
+    """Daemon addition: pushes and pulls in progress, with bytes done and total (for progress bars)."""
+    return manager.list_hub_transfers()

@@ -45,7 +45,9 @@ async def run_instance(request: Request, manager: ManagerDep) -> Instance:
     try:
         run_request = RunInstanceRequest.model_validate(body)
     except ValidationError as exc:
-        raise BadRequest(f"invalid RunInstanceRequest: {exc.errors()[0].get('msg')}") from exc
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise BadRequest(f"invalid RunInstanceRequest: {where + ': ' if where else ''}{first.get('msg')}") from exc
     return await manager.run_instance(run_request)
 
 

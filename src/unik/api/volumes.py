@@ -1,59 +1,83 @@
-"""Volumes: every route of API.md is here; creating and attaching arrive with the volumes issue."""
+"""Volumes: list, describe, create (empty, from a tar.gz, or a raw disk image), delete; attach, detach."""
 
 from __future__ import annotations
 
-from typing import NoReturn
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi.responses import PlainTextResponse
 
 from unik.api.deps import ManagerDep
-from unik.api.params import NamePath, RefPath
-from unik.errors import NotImplementedByProvider
+from unik.api.params import NamePath, RefPath, query_or_form, truthy
+from unik.errors import TooLarge
 from unik.models import Volume
 
 router = APIRouter(tags=["volumes"])
 
-NOT_YET = "volumes are not implemented yet: creating, attaching and detaching them arrives with volume support"
-
-
-def _not_yet() -> NoReturn:
-    raise NotImplementedByProvider(NOT_YET)
-
 
 @router.get("/volumes", response_model=list[Volume])
 async def list_volumes(manager: ManagerDep) -> list[Volume]:
-    return [r.obj for r in manager.store.volumes.all()]
+    return manager.list_volumes()
 
 
 @router.get("/volumes/{name}", response_model=Volume)
 async def get_volume(name: RefPath, manager: ManagerDep) -> Volume:
-    return manager.store.volumes.find(name).obj
+    return manager.get_volume(name)
 
 
 @router.post("/volumes/{name}", response_model=Volume, status_code=201)
-async def create_volume(name: NamePath, size: int | None = Query(None, ge=0)) -> Volume:
-    del name, size
-    _not_yet()
+async def create_volume(
+    name: NamePath,
+    request: Request,
+    manager: ManagerDep,
+    tarfile: UploadFile | None = File(
+        None, description="the data: a tar.gz whose files fill the new filesystem, or with raw=true a disk image"
+    ),
+    size: int | None = Query(
+        None, ge=0, description="MB; required without data; with data 0 or absent fits the data with headroom"
+    ),
+    provider: str | None = Query(None, max_length=64, description="default: the only configured provider"),
+    raw: str | None = Query(None, description="true: the uploaded file is a raw disk image used as it is"),
+    fs_type: str | None = Query(None, alias="type", max_length=16, description="ext2 (default), ext4 or fat"),
+    no_cleanup: str | None = Query(None, description="true: keep the unpacked files and name their folder in the log"),
+) -> Volume:
+    """Create a volume, in one of two forms.
+
+    With data: `multipart/form-data` with the file `tarfile`; `provider`, `raw`, `type` and
+    `no_cleanup` in the query string or as form fields. Without data (any other body, the Go
+    client posts JSON `null`): an empty filesystem of `size` MB.
+    """
+    del provider, raw, fs_type, no_cleanup  # read below from the query or the form
+    params = {key: await query_or_form(request, key) for key in ("provider", "raw", "type", "no_cleanup")}
+    if tarfile is not None:
+        limit = manager.config.max_upload_mb << 20
+        if tarfile.size is not None and tarfile.size > limit:
+            raise TooLarge(f"the upload is larger than {manager.config.max_upload_mb} MB")
+    return await manager.create_volume(
+        name,
+        tarfile.file if tarfile is not None else None,
+        provider_name=params["provider"] or None,
+        raw=truthy(params["raw"]),
+        fs_type=params["type"] or None,
+        size_mb=size or 0,
+        no_cleanup=truthy(params["no_cleanup"]),
+    )
 
 
 @router.delete("/volumes/{name}", status_code=204, response_class=Response)
-async def delete_volume(name: RefPath, manager: ManagerDep, force: str | None = Query(None)) -> Response:
-    del force
-    manager.store.volumes.find(name)
-    _not_yet()
+async def delete_volume(
+    name: RefPath, manager: ManagerDep, force: str | None = Query(None, description="true: detach it first if attached")
+) -> Response:
+    await manager.delete_volume(name, force=truthy(force))
+    return Response(status_code=204)
 
 
-@router.post("/volumes/{name}/attach/{instance_id}", status_code=202)
+@router.post("/volumes/{name}/attach/{instance_id}", status_code=202, response_class=PlainTextResponse)
 async def attach_volume(
-    name: RefPath, instance_id: RefPath, manager: ManagerDep, mount: str = Query(..., min_length=1)
-) -> str:
-    del mount
-    manager.store.volumes.find(name)
-    manager.get_instance(instance_id)
-    _not_yet()
+    name: RefPath, instance_id: RefPath, manager: ManagerDep, mount: str = Query(..., min_length=1, max_length=255)
+) -> PlainTextResponse:
+    attached = await manager.attach_volume(name, instance_id, mount)
+    return PlainTextResponse(attached, status_code=202)
 
 
-@router.post("/volumes/{name}/detach", status_code=202)
-async def detach_volume(name: RefPath, manager: ManagerDep) -> str:
-    manager.store.volumes.find(name)
-    _not_yet()
+@router.post("/volumes/{name}/detach", status_code=202, response_class=PlainTextResponse)
+async def detach_volume(name: RefPath, manager: ManagerDep) -> PlainTextResponse:
+    return PlainTextResponse(await manager.detach_volume(name), status_code=202)

@@ -21,6 +21,9 @@ class AppBundle:
     env: dict[str, str] = field(default_factory=dict)
     # Kernel modules (beyond the base set) the app needs in the guest.
     modules: list[str] = field(default_factory=list)
+    # The least memory (MB) the image boots in (big runtimes: the initrd is unpacked into RAM);
+    # the image's default instance memory is raised to it.
+    memory_mb: int = 0
 
 
 class Compiler(ABC):

@@ -22,6 +22,10 @@ Guest protocol (read by init.c, PID 1)::
     /unik/run/args          when present, replaces /unik/args (may be empty: no arguments)
     /unik/run/hostname      one line
     /unik/run/stop_timeout  integer seconds between SIGTERM and SIGKILL on a graceful stop
+    /unik/run/net           the network interface's setup, "key=value" lines: address=A.B.C.D/N,
+                            gateway=A.B.C.D, dns=A.B.C.D (resolv.conf); absent: loopback only
+    /unik/run/mounts        volumes to mount before the app starts: "SERIAL MOUNTPOINT FSTYPE" lines
+                            (SERIAL is the virtio-blk serial; FSTYPE ext2/ext4/vfat, or auto)
 
 Init's defaults: PATH=/unik:/bin:/usr/bin, HOME=/, stop timeout 5 s. When the app is gone it
 prints ``\\nunik: exit status N\\n`` or ``\\nunik: killed by signal N\\n`` on the console (see
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import os
 import re
 import shutil
@@ -267,6 +272,8 @@ def run_config_cpio(
     args: list[str] | None = None,
     hostname: str | None = None,
     stop_timeout: int | None = None,
+    mounts: list[tuple[str, str, str]] | None = None,
+    net: dict[str, str] | None = None,
 ) -> bytes:
     """The per-boot archive (``/unik/run/...``) to concatenate after an image's initrd."""
     buf = io.BytesIO()
@@ -284,5 +291,31 @@ def run_config_cpio(
         if stop_timeout < 0:
             raise ValueError("stop_timeout must be >= 0")
         w.add_file("unik/run/stop_timeout", str(int(stop_timeout)).encode() + b"\n")
+    if mounts:
+        lines = []
+        for words in mounts:
+            if any(not word or any(c.isspace() or c == "\0" for c in word) for word in words):
+                raise ValueError(f"bad mount {words!r}: no empty words, no whitespace")
+            lines.append(" ".join(words) + "\n")
+        w.add_file("unik/run/mounts", "".join(lines).encode())
+    if net is not None:
+        w.add_file("unik/run/net", _net_lines(net))
     w.close()
     return buf.getvalue()
+
+
+NET_KEYS = ("address", "gateway", "dns")
+
+
+def _net_lines(net: dict[str, str]) -> bytes:
+    """``/unik/run/net``: checked here so init.c can trust every line it parses."""
+    unknown = set(net) - set(NET_KEYS)
+    if unknown or "address" not in net:
+        raise ValueError(f"network config needs 'address' and only {NET_KEYS}: got {sorted(net)}")
+    ipaddress.IPv4Interface(net["address"])
+    if "/" not in net["address"]:
+        raise ValueError(f"address {net['address']!r} needs a prefix length, e.g. 10.0.2.15/24")
+    for key in ("gateway", "dns"):
+        if key in net:
+            ipaddress.IPv4Address(net[key])
+    return "".join(f"{key}={net[key]}\n" for key in NET_KEYS if key in net).encode()

@@ -10,6 +10,7 @@
  *   /unik/run/env          per-boot environment: applied after /unik/env, wins on conflicts
  *   /unik/run/hostname     per-boot hostname, one line
  *   /unik/run/stop_timeout seconds between SIGTERM and SIGKILL on a graceful stop (default 5)
+ *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=..., dns=... lines
  *
  * Console protocol: when the app is gone, init prints exactly one of
  *
@@ -28,16 +29,25 @@
  * No linux/ headers: musl-gcc does not see the kernel headers.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/io.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -184,6 +194,374 @@ static int stop_timeout(void)
 	return ok ? (int)v : DEFAULT_STOP_TIMEOUT;
 }
 
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Volumes. A volume is a virtio-blk disk whose serial is the volume's id (the first 20
+ * characters: virtio-blk's limit), so init finds it under /sys/block/vd<x>/serial whatever
+ * order the disks were probed in. At boot /unik/run/mounts lists "SERIAL MOUNTPOINT FSTYPE"
+ * lines; while the app runs the daemon sends the same words as "mount ..." over the control
+ * channel, and "umount MOUNTPOINT" before it unplugs a disk.
+ */
+#define MAX_MOUNTS 64
+#define DISK_WAIT_MS 15000
+
+static char *mounted[MAX_MOUNTS];
+
+static int find_disk(const char *serial, char *dev, size_t devlen)
+{
+	DIR *dir = opendir("/sys/block");
+	if (!dir)
+		return -1;
+	struct dirent *entry;
+	int found = -1;
+	while (found < 0 && (entry = readdir(dir)) != NULL) {
+		if (strncmp(entry->d_name, "vd", 2) != 0)
+			continue;
+		char path[300];
+		snprintf(path, sizeof path, "/sys/block/%s/serial", entry->d_name);
+		char *text = slurp(path, NULL);
+		if (!text)
+			continue;
+		text[strcspn(text, "\r\n")] = '\0';
+		if (strcmp(text, serial) == 0) {
+			snprintf(dev, devlen, "/dev/%s", entry->d_name);
+			found = 0;
+		}
+		free(text);
+	}
+	closedir(dir);
+	return found;
+}
+
+static void mkdirs(const char *path)
+{
+	char buf[512];
+	snprintf(buf, sizeof buf, "%s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p == '/') {
+			*p = '\0';
+			mkdir(buf, 0755);
+			*p = '/';
+		}
+	}
+	mkdir(buf, 0755);
+}
+
+/* Mount the disk with this serial; returns 0, or an errno-style code with *why set. */
+static int mount_volume(const char *serial, const char *target, const char *fstype, const char **why)
+{
+	char dev[300];
+	long long deadline = now_ms() + DISK_WAIT_MS;
+	/* A hot-plugged disk shows up a little after the host added it. */
+	while (find_disk(serial, dev, sizeof dev) < 0) {
+		if (now_ms() > deadline) {
+			*why = "no disk with that serial appeared";
+			return ENODEV;
+		}
+		usleep(20000);
+	}
+	mkdirs(target);
+	static const char *const guesses[] = { "ext4", "vfat", NULL };
+	const char *const one[] = { fstype, NULL };
+	const char *const *types = strcmp(fstype, "auto") == 0 ? guesses : one;
+	int err = EINVAL;
+	for (; *types; types++) {
+		/* ext2 volumes are served by the ext4 driver, which the cloud kernel has built in. */
+		const char *type = strcmp(*types, "ext2") == 0 ? "ext4" : *types;
+		if (mount(dev, target, type, MS_NOATIME, NULL) == 0) {
+			for (int i = 0; i < MAX_MOUNTS; i++) {
+				if (!mounted[i]) {
+					mounted[i] = strdup(target);
+					break;
+				}
+			}
+			return 0;
+		}
+		err = errno;
+	}
+	*why = strerror(err);
+	return err;
+}
+
+static int unmount_volume(const char *target, const char **why)
+{
+	sync();
+	if (umount(target) < 0) {
+		*why = errno == EBUSY ? "busy: a program still uses it" : strerror(errno);
+		return errno;
+	}
+	for (int i = 0; i < MAX_MOUNTS; i++) {
+		if (mounted[i] && strcmp(mounted[i], target) == 0) {
+			free(mounted[i]);
+			mounted[i] = NULL;
+		}
+	}
+	return 0;
+}
+
+/* Boot-time volumes; a volume the app expects but cannot have is fatal (exit status 125). */
+static int mount_boot_volumes(void)
+{
+	char *list = slurp("/unik/run/mounts", NULL);
+	if (!list)
+		return 0;
+	int failed = 0;
+	char *save;
+	for (char *line = strtok_r(list, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		char serial[64], target[256], fstype[32];
+		if (sscanf(line, "%63s %255s %31s", serial, target, fstype) != 3)
+			continue;
+		const char *why = "";
+		if (mount_volume(serial, target, fstype, &why) != 0) {
+			say("unik: cannot mount volume %s on %s: %s\n", serial, target, why);
+			failed = 1;
+		}
+	}
+	free(list);
+	return failed ? -1 : 0;
+}
+
+static void unmount_all(void)
+{
+	for (int i = 0; i < MAX_MOUNTS; i++) {
+		if (mounted[i])
+			umount2(mounted[i], MNT_DETACH);
+	}
+}
+
+/* The control channel: a virtio-serial port named unik.ctl, one command line, one reply line. */
+static int open_control(void)
+{
+	DIR *dir = opendir("/sys/class/virtio-ports");
+	if (!dir)
+		return -1;
+	struct dirent *entry;
+	int fd = -1;
+	while (fd < 0 && (entry = readdir(dir)) != NULL) {
+		if (entry->d_name[0] == '.')
+			continue;
+		char path[300];
+		snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", entry->d_name);
+		char *name = slurp(path, NULL);
+		if (!name)
+			continue;
+		name[strcspn(name, "\r\n")] = '\0';
+		if (strcmp(name, "unik.ctl") == 0) {
+			snprintf(path, sizeof path, "/dev/%s", entry->d_name);
+			fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+		}
+		free(name);
+	}
+	closedir(dir);
+	return fd;
+}
+
+static void reply(int fd, const char *text)
+{
+	(void)!write(fd, text, strlen(text));
+}
+
+static void handle_command(int fd, char *line)
+{
+	char verb[16], a[256], b[256], c[32];
+	int n = sscanf(line, "%15s %255s %255s %31s", verb, a, b, c);
+	const char *why = "";
+	char out[400];
+	if (n >= 1 && strcmp(verb, "ping") == 0) {
+		reply(fd, "ok\n");
+	} else if (n == 4 && strcmp(verb, "mount") == 0) {
+		if (mount_volume(a, b, c, &why) == 0)
+			reply(fd, "ok\n");
+		else {
+			snprintf(out, sizeof out, "err %s\n", why);
+			reply(fd, out);
+		}
+	} else if (n == 2 && strcmp(verb, "umount") == 0) {
+		if (unmount_volume(a, &why) == 0)
+			reply(fd, "ok\n");
+		else {
+			snprintf(out, sizeof out, "err %s\n", why);
+			reply(fd, out);
+		}
+	} else {
+		reply(fd, "err unknown command\n");
+	}
+}
+
+/* Read what the host sent; run each complete line. */
+static void serve_control(int fd)
+{
+	static char buf[1024];
+	static size_t used;
+	for (;;) {
+		ssize_t r = read(fd, buf + used, sizeof buf - 1 - used);
+		if (r <= 0)
+			return;
+		used += (size_t)r;
+		buf[used] = '\0';
+		char *nl;
+		while ((nl = strchr(buf, '\n')) != NULL) {
+			*nl = '\0';
+			handle_command(fd, buf);
+			size_t rest = used - (size_t)(nl + 1 - buf);
+			memmove(buf, nl + 1, rest);
+			used = rest;
+			buf[used] = '\0';
+		}
+		if (used == sizeof buf - 1)
+			used = 0; /* an overlong line is garbage: drop it */
+	}
+}
+
+/*
+ * Networking. Loopback always comes up (apps may talk to themselves on 127.0.0.1). When
+ * /unik/run/net exists, the first interface other than lo gets its address, netmask and
+ * default route by ioctl (the kernel has no ip= support) and /etc/resolv.conf names the
+ * resolver. The interface appears only once virtio_net has probed the NIC, hence the wait.
+ */
+#define NET_WAIT_MS 3000
+
+static int interface_up(int sock, const char *ifname)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+	if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0)
+		return -1;
+	ifr.ifr_flags |= IFF_UP;
+	return ioctl(sock, SIOCSIFFLAGS, &ifr);
+}
+
+static void inet_sockaddr(struct sockaddr *sa, in_addr_t addr)
+{
+	struct sockaddr_in sin;
+	memset(&sin, 0, sizeof sin);
+	sin.sin_family = AF_INET;
+	sin.sin_addr.s_addr = addr;
+	memcpy(sa, &sin, sizeof sin);
+}
+
+static int find_nic(char *name, size_t len)
+{
+	long long deadline = now_ms() + NET_WAIT_MS;
+	for (;;) {
+		DIR *dir = opendir("/sys/class/net");
+		struct dirent *entry;
+		int found = 0;
+		while (dir && !found && (entry = readdir(dir)) != NULL) {
+			size_t n = strlen(entry->d_name);
+			if (entry->d_name[0] != '.' && strcmp(entry->d_name, "lo") != 0 && n < len) {
+				memcpy(name, entry->d_name, n + 1);
+				found = 1;
+			}
+		}
+		if (dir)
+			closedir(dir);
+		if (found)
+			return 0;
+		if (now_ms() > deadline)
+			return -1;
+		usleep(5000);
+	}
+}
+
+static void write_resolv_conf(const char *dns)
+{
+	mkdir("/etc", 0755);
+	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		say("unik: cannot write /etc/resolv.conf: %s\n", strerror(errno));
+		return;
+	}
+	char line[64];
+	int n = snprintf(line, sizeof line, "nameserver %s\n", dns);
+	(void)!write(fd, line, (size_t)n);
+	close(fd);
+}
+
+static void configure_nic(int sock, const char *conf)
+{
+	char address[32] = "", gateway[32] = "", dns[32] = "";
+	for (const char *line = conf; *line;) {
+		size_t n = strcspn(line, "\n");
+		/* The host validated these lines; anything else is a newer host's key: ignored. */
+		sscanf(line, "address=%31[^\n]", address);
+		sscanf(line, "gateway=%31[^\n]", gateway);
+		sscanf(line, "dns=%31[^\n]", dns);
+		line += n + (line[n] == '\n');
+	}
+	char *slash = strchr(address, '/');
+	int prefix = slash ? atoi(slash + 1) : -1;
+	if (slash)
+		*slash = '\0';
+	struct in_addr ip, gw;
+	if (inet_pton(AF_INET, address, &ip) != 1 || prefix < 0 || prefix > 32) {
+		say("unik: bad network address in /unik/run/net\n");
+		return;
+	}
+	char nic[IFNAMSIZ];
+	if (find_nic(nic, sizeof nic) < 0) {
+		say("unik: no network interface appeared within %d ms\n", NET_WAIT_MS);
+		return;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
+	inet_sockaddr(&ifr.ifr_addr, ip.s_addr);
+	if (ioctl(sock, SIOCSIFADDR, &ifr) < 0)
+		say("unik: cannot set the address of %s: %s\n", nic, strerror(errno));
+	/* A shift by 32 is undefined in C: /0 is spelled out. */
+	in_addr_t mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
+	inet_sockaddr(&ifr.ifr_netmask, mask);
+	if (ioctl(sock, SIOCSIFNETMASK, &ifr) < 0)
+		say("unik: cannot set the netmask of %s: %s\n", nic, strerror(errno));
+	/* A gratuitous ARP when the link comes up: a host (or slirp) that already tried to reach
+	 * this address learns it now instead of waiting out its ARP retry timer. */
+	int notify = open("/proc/sys/net/ipv4/conf/all/arp_notify", O_WRONLY | O_CLOEXEC);
+	if (notify >= 0) {
+		(void)!write(notify, "1\n", 2);
+		close(notify);
+	}
+	if (interface_up(sock, nic) < 0)
+		say("unik: cannot bring up %s: %s\n", nic, strerror(errno));
+	if (*gateway && inet_pton(AF_INET, gateway, &gw) == 1) {
+		struct rtentry rt;
+		memset(&rt, 0, sizeof rt);
+		inet_sockaddr(&rt.rt_dst, INADDR_ANY);
+		inet_sockaddr(&rt.rt_genmask, INADDR_ANY);
+		inet_sockaddr(&rt.rt_gateway, gw.s_addr);
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		if (ioctl(sock, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+			say("unik: cannot add the default route via %s: %s\n", gateway, strerror(errno));
+	}
+	if (*dns)
+		write_resolv_conf(dns);
+}
+
+static void setup_network(void)
+{
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		say("unik: no IPv4 socket: %s\n", strerror(errno));
+		return;
+	}
+	if (interface_up(sock, "lo") < 0)
+		say("unik: cannot bring up lo: %s\n", strerror(errno));
+	char *conf = slurp("/unik/run/net", NULL);
+	if (conf) {
+		configure_nic(sock, conf);
+		free(conf);
+	}
+	close(sock);
+}
+
 static pid_t start_app(char **argv)
 {
 	pid_t pid = fork();
@@ -212,13 +590,6 @@ static pid_t start_app(char **argv)
 	_exit(127);
 }
 
-static long long now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void signal_app(pid_t app, int sig)
 {
 	/* The app may have left its process group; then at least the app itself gets it. */
@@ -226,13 +597,16 @@ static void signal_app(pid_t app, int sig)
 		kill(app, sig);
 }
 
-/* Supervise the app until it is gone; returns its wait status. Reaps every other child too. */
+/* Supervise the app until it is gone; returns its wait status. Reaps every other child too,
+ * and serves the control channel meanwhile. */
 static int supervise(pid_t app, const sigset_t *mask)
 {
-	int app_status = 0;
 	int stopping = 0;
 	long long kill_at = 0;
 	int timeout_s = stop_timeout();
+	int sigfd = signalfd(-1, mask, SFD_CLOEXEC);
+	int ctl = open_control();
+	long long ctl_retry_at = 0;
 
 	for (;;) {
 		/* Reap first: SIGCHLD may have been merged with an earlier one. */
@@ -242,25 +616,36 @@ static int supervise(pid_t app, const sigset_t *mask)
 			if (pid == app)
 				return status;
 		}
-		if (pid < 0 && errno == ECHILD)
-			return app_status; /* not reachable while the app lives; defensive */
 
-		siginfo_t info;
-		int sig;
+		long long now = now_ms();
+		int wait_ms = -1;
 		if (stopping) {
-			long long left = kill_at - now_ms();
+			long long left = kill_at - now;
 			if (left <= 0) {
 				signal_app(app, SIGKILL);
-				kill_at = now_ms() + 3600 * 1000LL; /* SIGKILL once; then just wait */
+				kill_at = now + 3600 * 1000LL; /* SIGKILL once; then just wait */
 				continue;
 			}
-			struct timespec ts = { left / 1000, (left % 1000) * 1000000 };
-			sig = sigtimedwait(mask, &info, &ts);
-		} else {
-			sig = sigwaitinfo(mask, &info);
+			wait_ms = (int)left;
 		}
-		if (sig < 0)
-			continue; /* EAGAIN (deadline) or EINTR */
+		/* While no host is connected the port reports POLLHUP without end: look again later. */
+		int watch_ctl = ctl >= 0 && now >= ctl_retry_at;
+		if (ctl >= 0 && !watch_ctl) {
+			int until = (int)(ctl_retry_at - now);
+			wait_ms = wait_ms < 0 || until < wait_ms ? until : wait_ms;
+		}
+		struct pollfd fds[2] = { { sigfd, POLLIN, 0 }, { watch_ctl ? ctl : -1, POLLIN, 0 } };
+		if (poll(fds, 2, wait_ms) < 0)
+			continue;
+		if (fds[1].revents & POLLIN)
+			serve_control(ctl);
+		else if (fds[1].revents & (POLLHUP | POLLERR))
+			ctl_retry_at = now_ms() + 200;
+
+		struct signalfd_siginfo info;
+		if (!(fds[0].revents & POLLIN) || read(sigfd, &info, sizeof info) != sizeof info)
+			continue;
+		int sig = (int)info.ssi_signo;
 		if ((sig == SIGINT || sig == SIGTERM) && !stopping) {
 			stopping = 1;
 			kill_at = now_ms() + (long long)timeout_s * 1000;
@@ -276,6 +661,7 @@ static void finish(int code)
 	while (waitpid(-1, NULL, WNOHANG) > 0)
 		;
 	sync();
+	unmount_all();
 	if (ioperm(DEBUG_EXIT_PORT, 4, 1) == 0)
 		outl((unsigned int)code, DEBUG_EXIT_PORT);
 	reboot(RB_POWER_OFF);
@@ -305,6 +691,7 @@ int main(void)
 
 	load_modules();
 	set_hostname();
+	setup_network();
 
 	/* The kernel hands init its leftover command-line words as environment: not the app's. */
 	clearenv();
@@ -328,6 +715,11 @@ int main(void)
 		add_words("/unik/run/args", &argv, &argc);
 	else
 		add_words("/unik/args", &argv, &argc);
+
+	if (mount_boot_volumes() < 0) {
+		say("\nunik: exit status 125\n");
+		finish(125);
+	}
 
 	pid_t app = start_app(argv);
 	if (app < 0) {

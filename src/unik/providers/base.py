@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 from unik.errors import NotImplementedByProvider
 from unik.kernel import Kernel
+
+
+@dataclass(frozen=True)
+class VolumeAttachment:
+    """A volume as the guest sees it: a disk with this serial, mounted at `mount`."""
+
+    serial: str
+    path: str
+    mount: str
+    fs_type: str
 
 
 @dataclass
@@ -22,9 +34,15 @@ class LaunchSpec:
     args: list[str] | None = None
     hostname: str = ""
     debug_mode: bool = False
+    # Not stored: volumes come and go after the run, so each boot is told the current ones.
+    volumes: list[VolumeAttachment] = field(default_factory=list)
+    # Published ports, as PortMapping dicts (HostPort, GuestPort, Protocol): user-mode network.
+    ports: list[dict[str, Any]] = field(default_factory=list)
+    # The instance's own address with prefix ("10.77.0.2/24"), allocated by the daemon: bridge mode.
+    address: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "volumes"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LaunchSpec:
@@ -66,8 +84,34 @@ class Provider(ABC):
     def debug_port(self, instance_id: str) -> int | None:
         return None
 
-    async def attach_volume(self, instance_id: str, volume_path: Path, mount: str) -> None:
-        raise NotImplementedByProvider(f"provider {self.name} cannot attach volumes to running instances yet")
+    async def attach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """Hot-plug the disk and have the guest mount it."""
+        raise NotImplementedByProvider(f"provider {self.name} cannot attach volumes to running instances")
 
-    async def detach_volume(self, instance_id: str, volume_path: Path) -> None:
-        raise NotImplementedByProvider(f"provider {self.name} cannot detach volumes from running instances yet")
+    async def detach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """Have the guest unmount the disk (Conflict when busy), then unplug it."""
+        raise NotImplementedByProvider(f"provider {self.name} cannot detach volumes from running instances")
+
+    def instance_subnet(self) -> IPv4Network | None:
+        """The subnet the daemon gives each instance its own address from, or None (no own address)."""
+        return None
+
+    def address_candidates(self) -> Iterator[str]:
+        """Addresses an instance may get, in order: the subnet's hosts but the first (the gateway)."""
+        subnet = self.instance_subnet()
+        hosts = iter(subnet.hosts() if subnet is not None else [])
+        next(hosts, None)
+        return (str(ip) for ip in hosts)
+
+    def publish_address(self) -> str | None:
+        """The host address published ports listen on, or None when ports cannot be published."""
+        return None
+
+    def check_ports_free(self, ports: list[dict[str, Any]]) -> None:
+        """Raise Conflict when a host port cannot be bound right now."""
+        if ports:
+            raise NotImplementedByProvider(f"provider {self.name} cannot publish ports")
+
+    def release_network(self, instance_id: str) -> None:
+        """The VM is gone: free what it held on the host (a tap device). Idempotent."""
+        return None

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import time
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ from qemu.qmp import QMPClient
 
 from unik import guest
 from unik.config import QemuProviderConfig
-from unik.errors import BadRequest, UnikError
+from unik.errors import BadRequest, Conflict, UnikError
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.providers.base import LaunchSpec, Provider
+from unik.providers.base import LaunchSpec, Provider, VolumeAttachment
+from unik.providers.network import HOSTFWD_FAILURE, HostNetwork
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 107
 LAUNCH_TIMEOUT = 60.0
 KILL_WAIT = 5.0
+CONTROL_TIMEOUT = 30.0
+UNPLUG_TIMEOUT = 15.0
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -84,6 +88,7 @@ class QemuProvider(Provider):
         else:
             self.accel, self.accel_reason = config.accel, "set in the daemon config"
         self.kernel_root = config.kernel_dir or default_kernel_root()
+        self.network = HostNetwork(config)
 
     # -- files -------------------------------------------------------------------------
 
@@ -98,6 +103,9 @@ class QemuProvider(Provider):
 
     def _qmp_path(self, instance_id: str) -> Path:
         return self._dir(instance_id) / "qmp.sock"
+
+    def _ctl_path(self, instance_id: str) -> Path:
+        return self._dir(instance_id) / "ctl.sock"
 
     def kernel(self) -> Kernel:
         try:
@@ -153,7 +161,14 @@ class QemuProvider(Provider):
             "-qmp", f"unix:{self._qmp_path(instance_id)},server=on,wait=off",
             "-pidfile", str(self._pidfile(instance_id)),
             "-daemonize",
+            # The control channel to the guest init (volume mount/unmount while running).
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=ctl,path={_escape(self._ctl_path(instance_id))},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=unik.ctl",
         ]  # fmt: skip
+        for volume in spec.volumes:
+            argv += ["-blockdev", _blockdev(volume), "-device", _disk_device(volume)]
+        argv += self.network.qemu_args(instance_id, spec.ports)
         if spec.debug_mode:
             port = self.config.debugger_port or _free_port()
             (self._dir(instance_id) / "gdb.port").write_text(str(port))
@@ -173,12 +188,19 @@ class QemuProvider(Provider):
         await asyncio.to_thread(_link_or_copy, Path(spec.initrd), image_initrd)
         boot_initrd = folder / "boot.initrd"
         run_config = guest.run_config_cpio(
-            env=spec.env, args=spec.args, hostname=spec.hostname or None, stop_timeout=self.config.stop_timeout
+            env=spec.env,
+            args=spec.args,
+            hostname=spec.hostname or None,
+            stop_timeout=self.config.stop_timeout,
+            mounts=[(v.serial, v.mount, _guest_fs_type(v.fs_type)) for v in spec.volumes],
+            net=self.network.guest_config(spec.address),
         )
         await asyncio.to_thread(_concat, image_initrd, run_config, boot_initrd)
-        for stale in (self._pidfile(instance_id), self._qmp_path(instance_id), folder / "gdb.port"):
+        for stale in (self._pidfile(instance_id), self._qmp_path(instance_id), self._ctl_path(instance_id),
+                      folder / "gdb.port"):  # fmt: skip
             stale.unlink(missing_ok=True)
         argv = self._command(instance_id, kernel, boot_initrd, spec)
+        await asyncio.to_thread(self.network.prepare, instance_id)
         log.debug("launching %s", " ".join(argv))
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -192,9 +214,14 @@ class QemuProvider(Provider):
         except TimeoutError:
             proc.kill()
             await proc.wait()
+            await asyncio.to_thread(self.release_network, instance_id)
             raise UnikError(f"qemu did not start within {LAUNCH_TIMEOUT:.0f} s") from None
         if proc.returncode != 0:
-            raise UnikError(f"qemu failed to start: {out.decode(errors='replace').strip()}")
+            await asyncio.to_thread(self.release_network, instance_id)
+            message = out.decode(errors="replace").strip()
+            if HOSTFWD_FAILURE in message:
+                raise Conflict(f"a published port is already in use: {message}")
+            raise UnikError(f"qemu failed to start: {message}")
         if spec.debug_mode:
             port = self.debug_port(instance_id)
             log.warning("instance %s waits for gdb: target remote 127.0.0.1:%s", instance_id, port)
@@ -218,9 +245,11 @@ class QemuProvider(Provider):
                 keys = [_qcode("ctrl"), _qcode("alt"), _qcode("delete")]
                 await self._qmp(instance_id, "send-key", {"keys": keys})
                 if await self._wait_gone(instance_id, self.config.stop_timeout + 10.0):
+                    await asyncio.to_thread(self.release_network, instance_id)
                     return
         log.warning("instance %s did not power off gracefully; killing qemu", instance_id)
         await self._kill(instance_id)
+        await asyncio.to_thread(self.release_network, instance_id)
 
     async def _kill(self, instance_id: str) -> None:
         pid = self._pid(instance_id)
@@ -246,10 +275,98 @@ class QemuProvider(Provider):
         finally:
             await client.disconnect()
 
+    # -- volumes -----------------------------------------------------------------------
+
+    async def attach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """Hot-plug a virtio-blk disk over QMP, then have the guest mount it."""
+        node, device = _node_name(volume), _device_id(volume)
+        await self._qmp(
+            instance_id,
+            "blockdev-add",
+            {"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": volume.path}},
+        )
+        try:
+            await self._qmp(
+                instance_id, "device_add", {"driver": "virtio-blk-pci", "drive": node, "id": device,
+                                            "serial": volume.serial},
+            )  # fmt: skip
+        except Exception:
+            await self._qmp(instance_id, "blockdev-del", {"node-name": node})
+            raise
+        try:
+            await self._control(instance_id, f"mount {volume.serial} {volume.mount} {_guest_fs_type(volume.fs_type)}")
+        except Exception:
+            await self._unplug(instance_id, volume)
+            raise
+
+    async def detach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """Unmount in the guest first (nothing written is lost), then unplug the disk."""
+        await self._control(instance_id, f"umount {volume.mount}")
+        await self._unplug(instance_id, volume)
+
+    async def _unplug(self, instance_id: str, volume: VolumeAttachment) -> None:
+        client = QMPClient(f"unik-{instance_id[:12]}")
+        await asyncio.wait_for(client.connect(str(self._qmp_path(instance_id))), 5.0)
+        try:
+            # The guest acknowledges the ACPI eject; only then is the disk gone for the guest.
+            with client.listener("DEVICE_DELETED") as listener:
+                await client.execute("device_del", {"id": _device_id(volume)})
+                async with asyncio.timeout(UNPLUG_TIMEOUT):
+                    async for event in listener:
+                        if event.get("data", {}).get("device") == _device_id(volume):
+                            break
+            await client.execute("blockdev-del", {"node-name": _node_name(volume)})
+        except TimeoutError:
+            raise UnikError(f"the guest did not release the disk of volume {volume.serial} in time") from None
+        finally:
+            await client.disconnect()
+
+    async def _control(self, instance_id: str, command: str) -> None:
+        """One line to the guest init over the virtio-serial port; `ok` or `err <why>` back."""
+        if not self.alive(instance_id):
+            raise Conflict("the instance is not running")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self._ctl_path(instance_id))), 5.0
+            )
+        except (OSError, TimeoutError) as exc:
+            raise UnikError(f"cannot reach the guest's control channel: {exc}") from exc
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            answer = (await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)).decode().strip()
+        except TimeoutError:
+            raise UnikError(f"the guest did not answer {command.split()[0]!r} in time") from None
+        finally:
+            writer.close()
+        if answer == "ok":
+            return
+        why = answer.removeprefix("err ").strip() or "no answer (is the guest still booting?)"
+        if why.startswith("busy"):
+            raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
+        raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+
     async def remove(self, instance_id: str, *, keep_files: bool = False) -> None:
         await self._kill(instance_id)
+        await asyncio.to_thread(self.release_network, instance_id)
         if not keep_files:
             await asyncio.to_thread(shutil.rmtree, self._dir(instance_id), True)
+
+    # -- networking (providers/network.py does the work) ---------------------------------
+
+    def instance_subnet(self) -> IPv4Network | None:
+        return self.network.subnet()
+
+    def publish_address(self) -> str | None:
+        return self.network.publish_address()
+
+    def check_ports_free(self, ports: list[dict[str, Any]]) -> None:
+        self.network.check_ports_free(ports)
+
+    def release_network(self, instance_id: str) -> None:
+        # A VM that is still running keeps its tap (the monitor may race a restart).
+        if not self.alive(instance_id):
+            self.network.release(instance_id)
 
 
 def boot_argv(
@@ -269,6 +386,32 @@ def boot_argv(
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]  # fmt: skip
+
+
+def _escape(value: str | Path) -> str:
+    """QEMU option values double their commas."""
+    return str(value).replace(",", ",,")
+
+
+def _node_name(volume: VolumeAttachment) -> str:
+    return f"vol-{volume.serial}"
+
+
+def _device_id(volume: VolumeAttachment) -> str:
+    return f"disk-{volume.serial}"
+
+
+def _blockdev(volume: VolumeAttachment) -> str:
+    return f"driver=raw,node-name={_node_name(volume)},file.driver=file,file.filename={_escape(volume.path)}"
+
+
+def _disk_device(volume: VolumeAttachment) -> str:
+    return f"virtio-blk-pci,drive={_node_name(volume)},id={_device_id(volume)},serial={volume.serial}"
+
+
+def _guest_fs_type(fs_type: str) -> str:
+    """The guest's name for a volume's filesystem; raw disks are probed."""
+    return {"fat": "vfat", "raw": "auto"}.get(fs_type, fs_type)
 
 
 def _qcode(key: str) -> dict[str, str]:

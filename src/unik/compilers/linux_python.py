@@ -1,0 +1,231 @@
+"""linux-python-<provider>: the host's CPython 3 with only the standard library the app imports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from unik.compilers import elf
+from unik.compilers.base import AppBundle, Compiler, run_tool
+from unik.compilers.linux_c import project_root
+from unik.compilers.toolchain import (
+    BuildSettings,
+    boot_memory_mb,
+    copy_tree,
+    inside,
+    install_program,
+    manifest_list,
+    manifest_str,
+    read_manifest,
+    which,
+)
+from unik.errors import BadRequest
+
+APP_DIR = "/unik/app"
+SITE_DIR = "/unik/site-packages"
+MAIN_CANDIDATES = ("main.py", "app.py", "server.py", "__main__.py")
+# Reached only through lazy imports inside rarely used functions (help(), doctest hooks,
+# `python -m` tools), but together as large as the rest of the stdlib an app uses: left out
+# unless manifest.yaml's `stdlib` asks for them.
+DEV_ONLY = [
+    "test", "unittest", "doctest", "pydoc", "pydoc_data", "lib2to3", "distutils", "idlelib", "tkinter",
+    "turtle", "turtledemo", "ensurepip", "venv", "pdb", "_testcapi", "_testinternalcapi", "_testbuffer",
+    "_testmultiphase", "_xxtestfuzz", "_ctypes_test",
+]  # fmt: skip
+
+# Run by the target interpreter (not the daemon's): the modules it loads at start-up, plus what
+# modulefinder sees the app import (statically, through every function body), are written into
+# the image as bytecode. Hash-checked-never .pyc files: the initramfs has no usable mtimes, and
+# the guest must not spend its boot recompiling.
+ANALYSE = r"""
+import sys
+startup = sorted(sys.modules)
+import compileall, json, modulefinder, os, py_compile, sysconfig
+
+root, app_dir, site_dir, main, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+stdlib = sysconfig.get_paths()["stdlib"]
+dynload = os.path.join(stdlib, "lib-dynload")
+search = [app_dir, site_dir] + [p for p in sys.path if p.startswith(stdlib) and os.path.isdir(p)]
+excludes = [name for name in json.loads(sys.argv[6]) if name not in extra]
+finder = modulefinder.ModuleFinder(path=search, excludes=excludes)
+for name in startup + extra:
+    try:
+        finder.import_hook(name)
+    except ImportError:
+        if name in extra:
+            sys.exit(f"manifest.yaml stdlib: no module named {name!r}")
+# Codecs are looked up by name at run time: the whole encodings package goes in.
+finder.import_hook("encodings", None, ["*"])
+finder.run_script(main)
+mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+copied, shared = [], []
+for module in finder.modules.values():
+    source = module.__file__
+    if not source or not source.startswith(stdlib + "/"):
+        continue
+    target = root + source
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if source.endswith(".py"):
+        py_compile.compile(source, cfile=target + "c", dfile=source, doraise=True, invalidation_mode=mode)
+        copied.append(source)
+    elif source.startswith(dynload + "/"):
+        shared.append(source)
+for tree in (root + app_dir, root + site_dir):
+    if os.path.isdir(tree):
+        if not compileall.compile_dir(tree, quiet=1, invalidation_mode=mode):
+            sys.exit(f"compiling {tree[len(root):]} failed")
+print(json.dumps({
+    "prefix": sys.prefix,
+    "stdlib": stdlib,
+    "executable": os.path.realpath(sys.executable),
+    "modules": len(copied),
+    "shared": sorted(shared),
+    "missing": sorted(finder.badmodules),
+}))
+"""
+
+DESCRIPTION = f"""\
+linux-python: a Python 3 program on a Linux micro-VM, run by the daemon host's CPython
+(default /usr/bin/python3; `python_interpreter` in the daemon config) with only the part of
+the standard library the program imports.
+
+Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs it for you):
+  * The program: `main_file` in manifest.yaml, else main.py, app.py, server.py or __main__.py
+    at the top, else the only *.py file at the top:
+        main_file: src/server.py
+    The folder is copied to {APP_DIR} in the guest (the program's directory is on sys.path).
+  * requirements.txt (optional) is installed at build time with the host interpreter's pip
+    (`pip install --target {SITE_DIR} -r requirements.txt`). Put the wheels in a wheels/
+    folder: they are used with --no-index. pip's index is used only when the daemon's config
+    says `build_network: true`. Binary wheels must be built for the host's Python version.
+  * The standard library modules are found by reading the program's and its packages'
+    imports (modulefinder). A module imported only by name at run time (importlib,
+    __import__) must be listed in manifest.yaml:
+        stdlib: [json.tool, xml.etree.ElementTree]
+  * Files the program opens are relative to / (its working directory); use paths relative
+    to __file__. No CA certificates or time zone data are packed.
+Output is unbuffered (python -u): print() reaches `unik logs` at once. `--args` become
+sys.argv[1:], `unik run --env K=V` sets os.environ. A graceful `unik stop` sends SIGTERM
+(Python's default for it is to exit at once; handle it with the signal module to clean up).
+"""
+
+
+class LinuxPythonCompiler(Compiler):
+    base = "linux"
+    language = "python"
+
+    def __init__(self, provider: str, settings: BuildSettings) -> None:
+        self.provider = provider
+        self.settings = settings
+
+    def description(self) -> str:
+        return DESCRIPTION
+
+    def missing_toolchain(self) -> str | None:
+        if which(self.settings.python) is None:
+            return f"the Python interpreter {self.settings.python} is not installed (Debian package python3)"
+        return None
+
+    async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
+        project = project_root(source)
+        work.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(project, {"main_file", "stdlib"})
+        main = find_main(project, manifest_str(manifest, "main_file"))
+        interpreter = which(self.settings.python)
+        if interpreter is None:
+            raise BadRequest(self.missing_toolchain() or "no python")
+        root = work / "root"
+        app_dir = root / APP_DIR.lstrip("/")
+        copy_tree(project, app_dir, skip={"wheels", ".git", "__pycache__", ".venv"})
+        site_dir = root / SITE_DIR.lstrip("/")
+        if has_requirements(project):
+            await run_tool(self.pip_command(project, site_dir), cwd=project, timeout=timeout)
+        out = await run_tool(
+            [
+                str(interpreter),
+                "-I",
+                "-c",
+                ANALYSE,
+                str(root),
+                APP_DIR,
+                SITE_DIR,
+                str(app_dir / main.relative_to(project.resolve())),
+                json.dumps(manifest_list(manifest, "stdlib")),
+                json.dumps(DEV_ONLY),
+            ],
+            cwd=work,
+            timeout=timeout,
+        )
+        found = json.loads(out.strip().splitlines()[-1])
+        executable = found["executable"]
+        env = install_program(Path(executable), root, executable)
+        # Extension modules (ours and the app's packages') load their libraries through ld.so too.
+        objects = list(found["shared"])
+        for path in found["shared"]:
+            target = root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(path).read_bytes())
+        objects += elf.elf_files(root, root / SITE_DIR.lstrip("/")) if site_dir.is_dir() else []
+        objects += elf.elf_files(root, app_dir)
+        env.update(elf.bundle_shared_libraries(root, objects))
+        env.update(
+            {
+                "PYTHONHOME": found["prefix"],
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if site_dir.is_dir():
+            env["PYTHONPATH"] = SITE_DIR
+        guest_main = f"{APP_DIR}/{main.relative_to(project.resolve()).as_posix()}"
+        return AppBundle(
+            root=root,
+            entrypoint=[executable, "-u", guest_main],
+            env=env,
+            memory_mb=boot_memory_mb(root, 32),
+        )
+
+    def pip_command(self, project: Path, site_dir: Path) -> list[str]:
+        command = [
+            str(which(self.settings.python)),
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-cache-dir",
+            # Compiled afterwards with hash-based .pyc files the guest never rewrites.
+            "--no-compile",
+            "--target",
+            str(site_dir),
+            "-r",
+            "requirements.txt",
+        ]
+        if (project / "wheels").is_dir():
+            command += ["--find-links", str(project / "wheels")]
+        if not self.settings.network:
+            command.append("--no-index")
+        return command
+
+
+def find_main(project: Path, named: str | None) -> Path:
+    if named is not None:
+        return inside(project, named, "manifest.yaml main_file")
+    for name in MAIN_CANDIDATES:
+        if (project / name).is_file():
+            return (project / name).resolve()
+    top = sorted(p for p in project.glob("*.py") if p.is_file())
+    if len(top) == 1:
+        return top[0].resolve()
+    raise BadRequest(
+        "cannot tell which file is the program: name it in manifest.yaml (`main_file: app.py`) "
+        f"or call it one of {', '.join(MAIN_CANDIDATES)}"
+        + (f" (found {', '.join(p.name for p in top)})" if top else " (no *.py at the top)")
+    )
+
+
+def has_requirements(project: Path) -> bool:
+    path = project / "requirements.txt"
+    if not path.is_file():
+        return False
+    return any(line.split("#", 1)[0].strip() for line in path.read_text(errors="replace").splitlines())

@@ -1,0 +1,174 @@
+"""Host side of instance networking for the QEMU provider.
+
+Two modes, chosen by the provider config's ``network``:
+
+- ``user``: qemu's user-mode stack (slirp). The guest is always 10.0.2.15/24 behind qemu's
+  own gateway (10.0.2.2) and resolver (10.0.2.3); it is reached through published ports,
+  ``hostfwd`` rules bound to ``publish_address``. No privileges needed, nothing on the host.
+- ``bridge``: each instance gets a tap device on a Linux bridge and its own address from
+  ``subnet`` (allocated and persisted by the daemon, see ``Store.allocate_address``). The
+  bridge is created when missing, with the subnet's first address as the guests' gateway.
+
+Taps are made persistent by the daemon (``ip tuntap add``) rather than by qemu, so they
+outlive a daemon restart while the VM runs, and the daemon removes them when the VM is gone
+(stop, delete, or noticed by the monitor when it exits on its own).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from unik.config import QemuProviderConfig
+from unik.errors import BadRequest, Conflict, UnikError
+
+log = logging.getLogger(__name__)
+
+USER_GUEST = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"}
+TAP_PREFIX = "unik"
+# qemu's own words when a hostfwd port cannot be bound (a race lost after our check).
+HOSTFWD_FAILURE = "host forwarding rule"
+
+
+def mac_address(instance_id: str) -> str:
+    """Stable per instance (so the guest keeps its identity across restarts), locally administered."""
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def tap_name(instance_id: str) -> str:
+    # IFNAMSIZ: 15 characters at most.
+    return f"{TAP_PREFIX}{instance_id[:15 - len(TAP_PREFIX)]}"
+
+
+class HostNetwork:
+    def __init__(self, config: QemuProviderConfig) -> None:
+        self.config = config
+        self.mode = config.network
+        # Bridge set-up from concurrent launches must not race ("File exists").
+        self._lock = threading.Lock()
+        if self.mode == "bridge" and os.geteuid() != 0:
+            raise ValueError("network: bridge needs the daemon to run as root (it creates the bridge and taps)")
+
+    # -- what the manager asks --------------------------------------------------------
+
+    def subnet(self) -> IPv4Network | None:
+        return self.config.subnet if self.mode == "bridge" else None
+
+    def gateway(self) -> IPv4Address:
+        assert self.config.subnet is not None
+        return next(self.config.subnet.hosts())
+
+    def publish_address(self) -> str | None:
+        return str(self.config.publish_address) if self.mode == "user" else None
+
+    def check_ports_free(self, ports: list[dict[str, Any]]) -> None:
+        if ports and self.mode != "user":
+            raise BadRequest(f"published ports need `network: user`; this daemon runs `network: {self.mode}`")
+        address = str(self.config.publish_address)
+        for port in ports:
+            _check_bindable(address, int(port["HostPort"]), str(port["Protocol"]))
+
+    # -- what qemu needs --------------------------------------------------------------
+
+    def guest_config(self, address: str) -> dict[str, str] | None:
+        """The guest's /unik/run/net, or None when it has no interface."""
+        if self.mode == "user":
+            return dict(USER_GUEST)
+        if self.mode == "bridge":
+            if not address:
+                raise UnikError(
+                    "this instance has no address on the bridge (it was created under another network mode): "
+                    "delete it and run it again"
+                )
+            dns = str(self.config.dns or self.gateway())
+            return {"address": address, "gateway": str(self.gateway()), "dns": dns}
+        return None
+
+    def qemu_args(self, instance_id: str, ports: list[dict[str, Any]]) -> list[str]:
+        if self.mode == "none":
+            return []
+        if self.mode == "user":
+            netdev = "user,id=n0"
+            address = str(self.config.publish_address)
+            for port in ports:
+                netdev += f",hostfwd={port['Protocol']}:{address}:{int(port['HostPort'])}-:{int(port['GuestPort'])}"
+        else:
+            netdev = f"tap,id=n0,ifname={tap_name(instance_id)},script=no,downscript=no"
+        return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac_address(instance_id)}"]
+
+    def prepare(self, instance_id: str) -> None:
+        """Before qemu starts: the bridge and this instance's tap (bridge mode)."""
+        if self.mode != "bridge":
+            return
+        with self._lock:
+            self._ensure_bridge()
+            tap = tap_name(instance_id)
+            # A tap left by a VM whose end nobody saw (host crash): start clean.
+            if _link_exists(tap):
+                _ip("link", "del", tap)
+            _ip("tuntap", "add", "dev", tap, "mode", "tap")
+            try:
+                _ip("link", "set", tap, "master", str(self.config.bridge), "up")
+            except UnikError:
+                _ip("link", "del", tap)
+                raise
+
+    def release(self, instance_id: str) -> None:
+        if self.mode != "bridge":
+            return
+        tap = tap_name(instance_id)
+        with self._lock:
+            if _link_exists(tap):
+                try:
+                    _ip("link", "del", tap)
+                except UnikError as exc:
+                    log.warning("cannot remove tap %s: %s", tap, exc)
+
+    def _ensure_bridge(self) -> None:
+        bridge = str(self.config.bridge)
+        assert self.config.subnet is not None
+        if not _link_exists(bridge):
+            log.info("creating bridge %s for %s", bridge, self.config.subnet)
+            _ip("link", "add", "name", bridge, "type", "bridge")
+        gateway = f"{self.gateway()}/{self.config.subnet.prefixlen}"
+        addresses = json.loads(_ip("-j", "addr", "show", "dev", bridge) or "[]")
+        present = {
+            f"{a.get('local')}/{a.get('prefixlen')}" for link in addresses for a in link.get("addr_info", [])
+        }
+        if gateway not in present:
+            _ip("addr", "add", gateway, "dev", bridge)
+        _ip("link", "set", bridge, "up")
+
+
+def _check_bindable(address: str, port: int, protocol: str) -> None:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            # slirp binds its listeners with SO_REUSEADDR too: a port in TIME_WAIT is usable.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise Conflict(f"host port {address}:{port}/{protocol} is already in use") from None
+            raise BadRequest(f"cannot publish {address}:{port}/{protocol}: {exc.strerror}") from None
+
+
+def _link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def _ip(*args: str) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UnikError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout

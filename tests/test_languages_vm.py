@@ -1,0 +1,56 @@
+"""Each language's examples/<lang>-http built by the real daemon, booted under QEMU, fetched over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import EXAMPLES, free_port, requires_vm
+from unik.client import UnikClient
+from unik.compilers import CompilerRegistry
+
+pytestmark = [pytest.mark.vm, requires_vm]
+
+# Boot to "listening" under TCG on a busy 2-core host; the JVM and CPython are the slow ones.
+BOOT_TIMEOUT = {"go": 60.0, "cpp": 60.0, "rust": 60.0, "python": 90.0, "nodejs": 120.0, "java": 150.0}
+AVAILABLE = set(CompilerRegistry(["qemu"]).available())
+
+
+def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    logs = ""
+    while time.monotonic() < deadline:
+        logs = client.instances.logs(instance)
+        if text in logs:
+            return logs
+        if "unik: exit status" in logs or "unik: killed by signal" in logs:
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
+
+
+@pytest.mark.parametrize("lang", list(BOOT_TIMEOUT))
+def test_http_example_answers_through_a_published_port(client: UnikClient, lang: str) -> None:
+    if f"linux-{lang}-qemu" not in AVAILABLE:
+        pytest.skip(f"no {lang} toolchain on this host (`make setup` installs it)")
+    image = client.images.build(f"{lang}-http", EXAMPLES / f"{lang}-http", "linux", lang, "qemu")
+    assert image.RunSpec.Compiler == f"linux-{lang}-qemu"
+    port = free_port()
+    client.instances.run(
+        f"{lang}-1",
+        f"{lang}-http",
+        env={"KEY": f"value for {lang}"},
+        ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
+    )
+    _wait_for_line(client, f"{lang}-1", "listening on", BOOT_TIMEOUT[lang])
+    base = f"http://127.0.0.1:{port}"
+    ping = httpx.get(f"{base}/ping_test", timeout=30)
+    assert ping.status_code == 200
+    assert ping.json() == {"message": "pong"}
+    env = httpx.get(f"{base}/env_test", timeout=30)
+    assert env.status_code == 200 and env.text == f"value for {lang}"
+    # No volume mounted: the example says so rather than failing the request.
+    assert httpx.get(f"{base}/mount_test", timeout=30).status_code == 404
+    client.instances.delete(f"{lang}-1", force=True)

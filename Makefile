@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 3000
-DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap
 PYTEST_ARGS ?=
 
 .PHONY: setup packages venv kernel run test lint bench clean

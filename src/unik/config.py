@@ -112,6 +112,9 @@ class DaemonConfig(BaseModel):
     # HTTPS: handed to uvicorn as they are (PEM files).
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # Builds run the user's toolchain on the user's code: with bubblewrap they see the host
+    # read-only and nothing of the data dir but their own folder. auto: when bwrap works here.
+    build_sandbox: Literal["auto", "bwrap", "off"] = "auto"
 
     @property
     def qemu(self) -> QemuProviderConfig | None:

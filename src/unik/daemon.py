@@ -31,7 +31,7 @@ def build_manager(data_dir: Path, config: DaemonConfig) -> Manager:
     if config.qemu is not None:
         providers["qemu"] = QemuProvider(config.qemu, data_dir)
     store = Store(data_dir / "unik.db")
-    compilers = CompilerRegistry(sorted(providers), config, data_dir / "cache")
+    compilers = CompilerRegistry(sorted(providers), config, data_dir / "cache" / "toolchains")
     manager = Manager(config, data_dir, store, providers, compilers)
     manager.recover()
     return manager

@@ -16,13 +16,14 @@ import os
 import shlex
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from unik import guest, hub, volumes
 from unik.archive import safe_extract
 from unik.compilers import CompilerRegistry
+from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
 from unik.config import DaemonConfig
 from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError
 from unik.models import (
@@ -78,6 +79,10 @@ class Manager:
         self.volumes_dir = data_dir / "volumes"
         for folder in (self.images_dir, self.tmp_dir, self.cache_dir, self.volumes_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        # Toolchain caches (Go, Cargo, jlink) are the only place outside its own folder a
+        # sandboxed build may write; the guest init cached in cache_dir stays out of reach.
+        self.toolchain_cache = self.cache_dir / "toolchains"
+        self.sandboxed_builds = _use_sandbox(config)
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
         self._creating_volumes: set[str] = set()
@@ -195,7 +200,8 @@ class Manager:
             await asyncio.to_thread(
                 safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20
             )
-            bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
+            with self._sandbox(work):
+                bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
             kernel = provider.kernel()
             init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
             try:
@@ -256,6 +262,18 @@ class Manager:
                 log.warning("no_cleanup: build files of image %s kept in %s", name, work)
             else:
                 shutil.rmtree(work, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _sandbox(self, work: Path) -> Iterator[None]:
+        if not self.sandboxed_builds:
+            yield
+            return
+        writable = (work, self.toolchain_cache)
+        token = build_sandbox.set(Sandbox(self.data_dir, writable, network=self.config.build_network))
+        try:
+            yield
+        finally:
+            build_sandbox.reset(token)
 
     async def delete_image(self, ref: str, *, force: bool = False) -> None:
         record = self.store.images.find(ref)
@@ -759,6 +777,17 @@ class Manager:
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+def _use_sandbox(config: DaemonConfig) -> bool:
+    if config.build_sandbox == "off":
+        return False
+    available = sandbox_available()
+    if config.build_sandbox == "bwrap" and not available:
+        raise ValueError("build_sandbox: bwrap is set but bubblewrap is missing or cannot create namespaces here")
+    if not available:
+        log.warning("bubblewrap is not usable here: builds run without a sandbox")
+    return available
 
 
 def provider_default_memory(config: DaemonConfig) -> int:

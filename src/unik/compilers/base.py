@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import subprocess
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +51,51 @@ class Compiler(ABC):
         """Build the app found in `source`; scratch space and output go under `work`."""
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """Where a build's tools run: the host read-only, the daemon's data dir hidden except
+    the build's own folder (and the toolchain caches), no network unless allowed."""
+
+    hidden: Path
+    writable: tuple[Path, ...]
+    network: bool = False
+
+    def wrap(self, argv: list[str], cwd: Path) -> list[str]:
+        wrapped = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        wrapped += ["--tmpfs", str(self.hidden)]
+        for folder in self.writable:
+            folder.mkdir(parents=True, exist_ok=True)
+            wrapped += ["--bind", str(folder), str(folder)]
+        wrapped += ["--unshare-all", "--die-with-parent", "--new-session", "--chdir", str(cwd)]
+        if self.network:
+            wrapped.append("--share-net")
+        return [*wrapped, "--", *argv]
+
+
+BWRAP = "bwrap"
+# Set by the manager around a build; run_tool reads it, so compilers need not know.
+build_sandbox: ContextVar[Sandbox | None] = ContextVar("build_sandbox", default=None)
+
+
+def sandbox_available() -> bool:
+    """bubblewrap is installed and can make namespaces here (not inside every container)."""
+    if shutil.which(BWRAP) is None:
+        return False
+    probe = subprocess.run(
+        [BWRAP, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
 async def run_tool(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run a toolchain command; its own error output becomes a 400 for the user."""
+    """Run a toolchain command (sandboxed during builds); its own error output becomes a 400."""
+    sandbox = build_sandbox.get()
+    command = sandbox.wrap(argv, cwd) if sandbox is not None else argv
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *command,
         cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

@@ -11,8 +11,12 @@ from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from unik.errors import BadRequest
+
+if TYPE_CHECKING:
+    from unik.compilers.toolchain import BuildSettings
 
 
 @dataclass
@@ -30,17 +34,23 @@ class AppBundle:
 
 
 class Compiler(ABC):
-    base: str
+    base = "linux"
     language: str
-    provider: str
+    # How a user lays out a project for this compiler (served by /describe_compiler).
+    guide: ClassVar[str]
+
+    def __init__(self, provider: str, settings: BuildSettings | None = None) -> None:
+        from unik.compilers.toolchain import BuildSettings  # toolchain imports this module
+
+        self.provider = provider
+        self.settings = settings or BuildSettings()
 
     @property
     def name(self) -> str:
         return f"{self.base}-{self.language}-{self.provider}"
 
-    @abstractmethod
     def description(self) -> str:
-        """How a user lays out a project for this compiler (served by /describe_compiler)."""
+        return self.guide
 
     @abstractmethod
     def missing_toolchain(self) -> str | None:

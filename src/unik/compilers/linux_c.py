@@ -33,14 +33,8 @@ Volumes given at build with --mountpoints are mounted at those paths before it s
 
 
 class LinuxCCompiler(Compiler):
-    base = "linux"
     language = "c"
-
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if shutil.which("musl-gcc") is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import _executables, project_root
-from unik.compilers.toolchain import BuildSettings, install_program, which
+from unik.compilers.toolchain import install_program, which
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
@@ -34,15 +34,8 @@ its default arguments, `unik run --env K=V` its environment. It gets SIGTERM on 
 
 
 class LinuxCppCompiler(Compiler):
-    base = "linux"
     language = "cpp"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if which("g++") is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root, require_static_elf
-from unik.compilers.toolchain import BuildSettings, install_program, which
+from unik.compilers.toolchain import install_program, which
 
 GUEST_APP = "/unik/app"
 
@@ -30,15 +30,8 @@ its default arguments, `unik run --env K=V` its environment. It gets SIGTERM on 
 
 
 class LinuxGoCompiler(Compiler):
-    base = "linux"
     language = "go"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if which("go") is None:

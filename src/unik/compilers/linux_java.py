@@ -13,7 +13,6 @@ from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
-    BuildSettings,
     boot_memory_mb,
     inside,
     manifest_list,
@@ -55,21 +54,14 @@ default memory accounts for the runtime and heap.
 
 
 class LinuxJavaCompiler(Compiler):
-    base = "linux"
     language = "java"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
+    guide = DESCRIPTION
 
     def java_home(self) -> Path | None:
         if self.settings.java_home is not None:
             return self.settings.java_home
         jlink = which("jlink")
         return jlink.parent.parent if jlink else None
-
-    def description(self) -> str:
-        return DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         home = self.java_home()

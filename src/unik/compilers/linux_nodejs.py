@@ -10,7 +10,6 @@ from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
-    BuildSettings,
     boot_memory_mb,
     copy_tree,
     inside,
@@ -48,15 +47,8 @@ size in memory to boot (the node binary alone is ~90 MB); its default memory say
 
 
 class LinuxNodejsCompiler(Compiler):
-    base = "linux"
     language = "nodejs"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if which(self.settings.node) is None:

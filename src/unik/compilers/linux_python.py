@@ -9,7 +9,6 @@ from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
-    BuildSettings,
     boot_memory_mb,
     copy_tree,
     inside,
@@ -111,15 +110,8 @@ sys.argv[1:], `unik run --env K=V` sets os.environ. A graceful `unik stop` sends
 
 
 class LinuxPythonCompiler(Compiler):
-    base = "linux"
     language = "python"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if which(self.settings.python) is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
-from unik.compilers.toolchain import BuildSettings, install_program, manifest_str, read_manifest, which
+from unik.compilers.toolchain import install_program, manifest_str, read_manifest, which
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
@@ -44,15 +44,8 @@ needs that library's static archive on the host.
 
 
 class LinuxRustCompiler(Compiler):
-    base = "linux"
     language = "rust"
-
-    def __init__(self, provider: str, settings: BuildSettings) -> None:
-        self.provider = provider
-        self.settings = settings
-
-    def description(self) -> str:
-        return DESCRIPTION
+    guide = DESCRIPTION
 
     def missing_toolchain(self) -> str | None:
         if which("cargo") is None or which("rustc") is None:

@@ -15,21 +15,17 @@ are printed as Markdown and written to bench/results/boot.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from common import daemon, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
@@ -55,42 +51,8 @@ int main(void) {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def daemon(data_dir: Path) -> Iterator[str]:
-    port = free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir / "daemon.log", "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "unik.cli", "daemon", "--port", str(port), "--d", str(data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/_ping").text == "OK":
-                    break
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
-
-
 def app_tarball() -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(APP.iterdir()):
-            tar.add(path, arcname=path.name)
-    return buffer.getvalue()
+    return tarball(APP)
 
 
 def build_ours(base: str, tarball: bytes, name: str) -> float:
@@ -174,7 +136,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     options = parser.parse_args()
 
-    kernel = load_kernel(default_kernel_root())
+    # The floor must boot the kernel the daemon's default provider gives images.
+    kernel = load_kernel(default_kernel_root(), QemuProviderConfig().kernel)
     accel = "kvm" if kvm_usable()[0] else "tcg"
     tarball = app_tarball()
     boots_ours: list[float] = []

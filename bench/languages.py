@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from common import daemon, free_port
 
 from unik.client import UnikClient
 from unik.providers.qemu import kvm_usable
@@ -37,41 +35,6 @@ from unik.providers.qemu import kvm_usable
 ROOT = Path(__file__).resolve().parent.parent
 LANGS = ["c", "go", "cpp", "rust", "python", "nodejs", "java"]
 DEADLINE = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def daemon(data_dir: Path) -> Iterator[str]:
-    data_dir.mkdir(parents=True)
-    port = free_port()
-    with open(data_dir / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "unik.cli", "daemon", "--port", str(port), "--d", str(data_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    host = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(Exception), UnikClient(host) as probe:
-                if probe.ping():
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"daemon did not start: {(data_dir / 'daemon.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield host
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @dataclass

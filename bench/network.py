@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import platform
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from common import daemon, free_port, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
@@ -50,46 +47,6 @@ HTTP_FIRST_LINE = b"c-http: listening"
 HELLO_FIRST_LINE = b"hello from unik"
 DEADLINE = 120.0
 ATTEMPT_TIMEOUT = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def daemon(data_dir: Path, config: str = "") -> Iterator[str]:
-    port = free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if config:
-        (data_dir / "daemon-config.yaml").write_text(config)
-    log = open(data_dir / "daemon.log", "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "unik.cli", "daemon", "--port", str(port), "--d", str(data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/_ping").text == "OK":
-                    break
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
-
-
-def tarball(app: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(app.iterdir()):
-            tar.add(path, arcname=path.name)
-    return buffer.getvalue()
 
 
 def build(base: str, name: str, app: Path) -> None:

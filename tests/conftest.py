@@ -31,10 +31,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def kernel_available() -> bool:
+    from unik.config import QemuProviderConfig
     from unik.kernel import default_kernel_root, load
 
     try:
-        load(default_kernel_root())
+        # The kernel a default provider builds images with.
+        load(default_kernel_root(), QemuProviderConfig().kernel)
     except FileNotFoundError:
         return False
     return shutil.which("qemu-system-x86_64") is not None

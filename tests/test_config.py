@@ -132,6 +132,7 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "subnet": "10.1.2.0/24",
         "publish_address": "127.0.0.2",
         "dns": "10.1.2.53",
+        "kernel": "cloud",
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 

@@ -63,10 +63,12 @@ def s3_hub() -> Iterator[S3Hub]:
     iam = boto3.client(
         "iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup"
     )
-    iam.create_user(UserName="hubuser")
+    # moto keeps its state for the whole test process: another module's hub has its own user.
+    user = f"hubuser-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-    iam.put_user_policy(UserName="hubuser", PolicyName="hub", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="hubuser")["AccessKey"]
+    iam.put_user_policy(UserName=user, PolicyName="hub", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
     # From here on every request must be signed by a known key with the right secret.
     httpx.post(f"{url}/moto-api/reset-auth", content=b"0").raise_for_status()
     try:
@@ -128,7 +130,9 @@ def test_push_delete_pull_keeps_the_image_exactly(client: UnikClient, daemon: Da
     client.images.push("planted", s3_hub.hub)
     head = s3_hub.s3().head_object(Bucket=BUCKET, Key=s3_hub.key("planted"))
     assert head["Metadata"]["unik-format"] == "1" and head["Metadata"]["unik-provider"] == "qemu"
-    assert [(i.Name, i.User) for i in client.hub.search(s3_hub.hub)] == [("planted", s3_hub.hub.user)]
+    # The hub is shared: other users' images (from other test modules) may be listed too.
+    mine = [(i.Name, i.User) for i in client.hub.search(s3_hub.hub) if i.User == s3_hub.hub.user]
+    assert mine == [("planted", s3_hub.hub.user)]
 
     client.images.delete("planted")
     client.images.pull("planted", s3_hub.hub, provider="qemu")

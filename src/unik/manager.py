@@ -22,10 +22,11 @@ from typing import Any, BinaryIO
 
 from unik import guest, hub, volumes
 from unik.archive import safe_extract
+from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
 from unik.compilers import CompilerRegistry
 from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
 from unik.config import DaemonConfig
-from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError
+from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError, disk_full
 from unik.models import (
     DeviceMapping,
     HubConfig,
@@ -82,10 +83,13 @@ class Manager:
         # Toolchain caches (Go, Cargo, jlink) are the only place outside its own folder a
         # sandboxed build may write; the guest init cached in cache_dir stays out of reach.
         self.toolchain_cache = self.cache_dir / "toolchains"
+        self.build_cache = BuildCache(self.cache_dir / "images")
         self.sandboxed_builds = _use_sandbox(config)
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
         self._creating_volumes: set[str] = set()
+        # (provider, instance id) of runs cut short by a crash, whose files recover() left.
+        self._half_made: list[tuple[Provider, str]] = []
 
     # -- start-up and monitoring ---------------------------------------------------------
 
@@ -103,7 +107,28 @@ class Manager:
             if folder.name not in known_volumes:
                 shutil.rmtree(folder, ignore_errors=True)
         for record in self.store.instances.all():
+            if record.obj.State == InstanceState.pending.value and not self._recover_boot(record):
+                continue
             self._refresh_state(record)
+
+    def _recover_boot(self, record: Record[Instance]) -> bool:
+        """The daemon died while booting this instance; False if the instance is gone for good."""
+        provider = self.providers.get(record.internal.get("provider", ""))
+        if provider is not None and provider.alive(record.id):
+            # qemu -daemonize returns only once the VM runs: the boot had in fact succeeded.
+            self._set_state(record, InstanceState.running)
+            return True
+        if record.internal.get("booted", True):
+            return True  # a start of an existing instance that did not come up: it reads stopped
+        # A run that never answered: the client never got this instance, so it goes entirely
+        # rather than be listed half-made. Its files go once the event loop runs (monitor).
+        self._release_volumes(record.id)
+        self.store.instances.delete(record.id)
+        self.store.release_address(record.id)
+        if provider is not None:
+            self._half_made.append((provider, record.id))
+        log.warning("removed instance %s: the daemon stopped while it was being created", record.name)
+        return False
 
     def _refresh_state(self, record: Record[Instance]) -> Record[Instance]:
         provider = self.providers.get(record.internal.get("provider", ""))
@@ -122,11 +147,19 @@ class Manager:
 
     async def monitor(self) -> None:
         """Notice VMs that ended on their own (app exit, crash, kill) within a second."""
+        while self._half_made:
+            provider, instance_id = self._half_made.pop()
+            try:
+                await provider.remove(instance_id)
+            except Exception:
+                log.exception("removing the files of half-made instance %s failed", instance_id)
         while True:
             await asyncio.sleep(MONITOR_INTERVAL)
             try:
-                for record in self.store.instances.all():
-                    if record.obj.State == InstanceState.running.value and not self._lock(record.id).locked():
+                # Only running ones are parsed: with many stopped instances a full scan twice a
+                # second held the event loop (and every request waiting on it) for milliseconds.
+                for record in self.store.instances.in_state(InstanceState.running.value):
+                    if not self._lock(record.id).locked():
                         self._refresh_state(record)
             except Exception:
                 log.exception("instance monitor failed")
@@ -166,6 +199,12 @@ class Manager:
     def get_image(self, ref: str) -> Image:
         return self.store.images.find(ref).obj
 
+    def list_images_json(self) -> bytes:
+        return self.store.images.all_wire_json()
+
+    def get_image_json(self, ref: str) -> bytes:
+        return self.store.images.find_wire_json(ref)
+
     async def build_image(
         self,
         name: str,
@@ -196,32 +235,47 @@ class Manager:
         work = self.tmp_dir / f"build-{image_id}"
         final = self.images_dir / image_id
         try:
-            source = work / "src"
-            await asyncio.to_thread(
-                safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20
-            )
-            with self._sandbox(work):
-                bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
-            kernel = provider.kernel()
-            init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
-            try:
-                modules = kernel.module_closure(BASE_MODULES + bundle.modules)
-            except ValueError as exc:
-                raise UnikError(f"kernel {kernel.version}: {exc}") from exc
             staging = work / "image"
-            staging.mkdir()
-            await asyncio.to_thread(
-                guest.assemble_initrd,
-                staging / "initrd",
-                init_binary=init_binary,
-                app_root=bundle.root,
-                entrypoint=bundle.entrypoint,
-                args=default_args,
-                env=bundle.env,
-                modules=modules,
+            build_key = await asyncio.to_thread(
+                self._build_cache_key, upload, compiler.name, default_args, mount_points, provider
             )
-            await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
-            digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
+            cached = None
+            if build_key is not None:
+                cached = await asyncio.to_thread(self.build_cache.restore, build_key, staging, _image_digest)
+            if cached is not None:
+                log.info("build cache hit for image %s (key %s): not unpacked, not compiled", name, build_key[:16])
+                digest, size, memory_mb = cached.digest, cached.size, cached.memory_mb
+                kernel_version = cached.kernel_version
+            else:
+                source = work / "src"
+                await asyncio.to_thread(
+                    safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20
+                )
+                with self._sandbox(work):
+                    bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
+                kernel = provider.kernel()
+                init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
+                try:
+                    modules = kernel.module_closure(BASE_MODULES + bundle.modules)
+                except ValueError as exc:
+                    raise UnikError(f"kernel {kernel.version}: {exc}") from exc
+                staging.mkdir()
+                await asyncio.to_thread(
+                    guest.assemble_initrd,
+                    staging / "initrd",
+                    init_binary=init_binary,
+                    app_root=bundle.root,
+                    entrypoint=bundle.entrypoint,
+                    args=default_args,
+                    env=bundle.env,
+                    modules=modules,
+                )
+                await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
+                digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
+                memory_mb, kernel_version = bundle.memory_mb, kernel.version
+                if build_key is not None:
+                    built = CachedBuild(digest=digest, size=size, memory_mb=memory_mb, kernel_version=kernel_version)
+                    await asyncio.to_thread(self.build_cache.store, build_key, staging, built)
             image = Image(
                 Id=image_id,
                 Name=name,
@@ -234,7 +288,7 @@ class Manager:
                         DeviceMapping(MountPoint=m, DeviceName=f"/dev/vd{chr(ord('b') + i)}")
                         for i, m in enumerate(mount_points)
                     ],
-                    DefaultInstanceMemory=max(provider_default_memory(self.config), bundle.memory_mb),
+                    DefaultInstanceMemory=max(provider_default_memory(self.config), memory_mb),
                     Compiler=compiler.name,
                 ),
             )
@@ -242,10 +296,12 @@ class Manager:
             internal = {
                 "provider": provider_name,
                 "compiler": compiler.name,
-                "kernel_version": kernel.version,
+                "kernel_version": kernel_version,
                 "digest": digest,
                 "args": default_args,
                 "dir": str(final),
+                # hit: the files came from the build cache; miss: compiled (and cached); off: not cacheable.
+                "build_cache": "off" if build_key is None else "hit" if cached is not None else "miss",
             }
             replaced = self.store.images.insert(Record(image, internal), replace_name=force)
             if replaced is not None:
@@ -253,8 +309,9 @@ class Manager:
                 shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
             log.info("built image %s (%s) in %s", name, image_id, final)
             return image
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(final, ignore_errors=True)
+            _raise_if_disk_full(exc, self.data_dir)
             raise
         finally:
             self._building.discard(name)
@@ -262,6 +319,43 @@ class Manager:
                 log.warning("no_cleanup: build files of image %s kept in %s", name, work)
             else:
                 shutil.rmtree(work, ignore_errors=True)
+
+    def _build_cache_key(
+        self, upload: BinaryIO, compiler: str, args: list[str], mounts: list[str], provider: Provider
+    ) -> str | None:
+        """The build cache key for these inputs, or None when this build must not be cached."""
+        if self.config.build_network:
+            return None  # what a build downloads may change between two builds of the same sources
+        try:
+            kernel = provider.kernel()
+            init_binary = guest.ensure_init_binary(self.cache_dir)
+            kernel_parts = {
+                "version": kernel.version,
+                "vmlinux": _file_sha256(kernel.vmlinux),
+                "modules.dep": _file_sha256(kernel.modules_dir / "modules.dep"),
+            }
+        except (UnikError, RuntimeError, OSError):
+            return None  # the build reports these itself, after the upload's own errors
+        archive = archive_sha256(upload)
+        if archive is None:
+            return None
+        settings = self.config
+        return cache_key(
+            archive=archive,
+            compiler=compiler,
+            toolchain={
+                "python": settings.python_interpreter,
+                "node": settings.node_binary,
+                "java_home": str(settings.java_home) if settings.java_home else None,
+                "host_packages": host_packages(),
+            },
+            args=args,
+            mounts=mounts,
+            kernel=kernel_parts,
+            init=_file_sha256(init_binary),
+            base_modules=BASE_MODULES,
+            code=code_fingerprint(),
+        )
 
     @contextlib.contextmanager
     def _sandbox(self, work: Path) -> Iterator[None]:
@@ -293,6 +387,12 @@ class Manager:
 
     def get_instance(self, ref: str) -> Instance:
         return self.store.instances.find(ref).obj
+
+    def list_instances_json(self) -> bytes:
+        return self.store.instances.all_wire_json()
+
+    def get_instance_json(self, ref: str) -> bytes:
+        return self.store.instances.find_wire_json(ref)
 
     async def run_instance(self, request: RunInstanceRequest) -> Instance:
         _require_name(request.InstanceName, "instance")
@@ -331,7 +431,8 @@ class Manager:
         )
         record = Record(
             instance,
-            {"provider": provider.name, "spec": spec.to_dict(), "no_cleanup": request.NoCleanup},
+            # booted: whether a run ever completed; recover() drops a first boot cut short.
+            {"provider": provider.name, "spec": spec.to_dict(), "no_cleanup": request.NoCleanup, "booted": False},
         )
         try:
             self.store.instances.insert(record)
@@ -342,7 +443,7 @@ class Manager:
             try:
                 self._claim_volumes(instance.Id, mounts)
                 await self._boot(record, provider, spec)
-            except BaseException:
+            except BaseException as exc:
                 if request.NoCleanup:
                     log.warning("no_cleanup: failed instance %s and its files are kept", instance.Name)
                 else:
@@ -350,6 +451,7 @@ class Manager:
                     self._release_volumes(instance.Id)
                     self.store.instances.delete(instance.Id)
                     self.store.release_address(instance.Id)
+                _raise_if_disk_full(exc, self.data_dir)
                 raise
         return record.obj
 
@@ -440,6 +542,7 @@ class Manager:
         except BaseException:
             self._set_state(record, InstanceState.error)
             raise
+        record.internal["booted"] = True
         self._set_state(record, InstanceState.running)
 
     def _set_state(self, record: Record[Instance], state: InstanceState) -> None:
@@ -642,8 +745,9 @@ class Manager:
             self.store.volumes.insert(Record(volume, internal))
             log.info("created %s volume %s (%s, %d MB) in %s", kind, name, volume_id, size, final)
             return volume
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(final, ignore_errors=True)
+            _raise_if_disk_full(exc, self.data_dir)
             raise
         finally:
             self._creating_volumes.discard(name)
@@ -707,6 +811,9 @@ class Manager:
                 )
                 await asyncio.to_thread(remote.push, record.name, artifact, metadata_of(sha256), transfer)
             log.info("pushed image %s (%s) to %s", record.name, record.id, remote.where(record.name))
+        except BaseException as exc:
+            _raise_if_disk_full(exc, self.data_dir)
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -760,8 +867,9 @@ class Manager:
                 shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
             log.info("pulled image %s (%s) from %s", name, image_id, remote_hub.where(name))
             return image
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(final, ignore_errors=True)
+            _raise_if_disk_full(exc, self.data_dir)
             raise
         finally:
             self._building.discard(name)
@@ -801,6 +909,13 @@ def provider_max_memory(config: DaemonConfig) -> int:
 def _require_name(name: str, kind: str) -> None:
     if not is_valid_name(name):
         raise BadRequest(f"invalid {kind} name {name!r}: use 1-64 characters of [A-Za-z0-9_.-], starting alphanumeric")
+
+
+def _raise_if_disk_full(exc: BaseException, data_dir: Path) -> None:
+    """A full host disk is a 507 that says so, not a 500 with a traceback or a 400 blaming the upload."""
+    full = disk_full(exc, data_dir)
+    if full is not None:
+        raise full from exc
 
 
 def _mount_points(mounts: list[str]) -> list[str]:

@@ -23,6 +23,8 @@ from unik.errors import Conflict, NotFound
 from unik.models import Image, Instance, Volume
 
 M = TypeVar("M", Image, Instance, Volume)
+# Wire texts remembered per table: a few times the records a daemon holds; past it, start over.
+_CANONICAL_CACHE = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -62,6 +64,7 @@ class Table(Generic[M]):
         self._table = table
         self._model = model
         self.kind = kind
+        self._canonical: dict[str, bytes] = {}
 
     def _record(self, row: sqlite3.Row) -> Record[M]:
         return Record(self._model.model_validate_json(row["wire"]), json.loads(row["internal"]))
@@ -97,6 +100,33 @@ class Table(Generic[M]):
         rows = self._store.query(f"SELECT * FROM {self._table} ORDER BY rowid")
         return [self._record(r) for r in rows]
 
+    def in_state(self, state: str) -> list[Record[M]]:
+        """Records whose wire `State` is `state`; the others are filtered by SQLite, not parsed."""
+        rows = self._store.query(
+            f"SELECT * FROM {self._table} WHERE json_extract(wire, '$.State') = ? ORDER BY rowid", (state,)
+        )
+        return [self._record(r) for r in rows]
+
+    def all_wire_json(self) -> bytes:
+        """Every record's wire object as one JSON array, for routes that return them unchanged.
+
+        Parsing each row into a model (and its internal JSON) only for FastAPI to validate and
+        serialize it again was most of a list request's time."""
+        rows = self._store.query(f"SELECT wire FROM {self._table} ORDER BY rowid")
+        return b"[" + b",".join(self._canonical_wire(r["wire"]) for r in rows) + b"]"
+
+    def _canonical_wire(self, wire: str) -> bytes:
+        """The stored text as the current model writes it (a row from an older daemon gains the
+        fields added since), memoised by the text itself: rows are listed far more often than
+        they change, and a changed row is a new key."""
+        cached = self._canonical.get(wire)
+        if cached is None:
+            if len(self._canonical) >= _CANONICAL_CACHE:
+                self._canonical.clear()
+            cached = self._model.model_validate_json(wire).model_dump_json().encode()
+            self._canonical[wire] = cached
+        return cached
+
     def get(self, record_id: str) -> Record[M] | None:
         rows = self._store.query(f"SELECT * FROM {self._table} WHERE id = ?", (record_id,))
         return self._record(rows[0]) if rows else None
@@ -106,18 +136,25 @@ class Table(Generic[M]):
 
     def find(self, ref: str) -> Record[M]:
         """Exact id, exact name, or an unambiguous id prefix (like Docker); never a substring."""
+        return self._record(self._find_row(ref))
+
+    def find_wire_json(self, ref: str) -> bytes:
+        """find(), as the stored wire JSON (for routes that return the object unchanged)."""
+        return self._canonical_wire(self._find_row(ref)["wire"])
+
+    def _find_row(self, ref: str) -> sqlite3.Row:
         rows = self._store.query(
             f"SELECT * FROM {self._table} WHERE id = ? OR name = ? ORDER BY id = ? DESC", (ref, ref, ref)
         )
         if rows:
-            return self._record(rows[0])
+            return rows[0]
         if ref:
             # substr, not LIKE: a prefix match must be exact and case-sensitive.
             rows = self._store.query(
                 f"SELECT * FROM {self._table} WHERE substr(id, 1, ?) = ? LIMIT 2", (len(ref), ref)
             )
             if len(rows) == 1:
-                return self._record(rows[0])
+                return rows[0]
             if len(rows) > 1:
                 raise Conflict(f"{self.kind} id prefix {ref!r} is ambiguous")
         raise NotFound(f"{self.kind} {ref!r} not found")

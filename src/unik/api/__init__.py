@@ -60,7 +60,24 @@ def _publish_body_schemas(app: FastAPI) -> None:
         components.update(run_request.pop("$defs", {}))
         components["RunInstanceRequest"] = run_request
         components["HubConfig"] = HubConfig.model_json_schema()
+        _errors_as_json(schema)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _errors_as_json(schema: dict[str, object]) -> None:
+    """Every error is JSON {"message"}, also from text routes (FastAPI would document those as
+    text/plain), and a validation failure is a 400: FastAPI's 422 is never sent."""
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    paths: dict[str, dict[str, dict[str, dict[str, dict[str, object]]]]] = schema.get("paths", {})  # type: ignore[assignment]
+    for operations in paths.values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            for status, response in responses.items():
+                if status[0] in "45":
+                    response["content"] = error_content

@@ -9,7 +9,9 @@ from fastapi import Depends, Request
 from unik.manager import Manager
 
 
-def get_manager(request: Request) -> Manager:
+# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hand-off on every
+# request for what is an attribute read.
+async def get_manager(request: Request) -> Manager:
     manager: Manager = request.app.state.manager
     return manager
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unik.errors import UnikError
+from unik.errors import UnikError, disk_full
 from unik.models import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -18,13 +18,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "bad input",
-        401: "the image hub refused the credentials",
+        401: "a token is required, or the image hub refused the credentials",
         403: "the image hub denied access",
         404: "not found",
         409: "conflict",
+        413: "the upload, or what it unpacks to, is too large",
         500: "internal fault",
         501: "the provider cannot do this",
         502: "the image hub failed or sent a damaged image",
+        507: "the daemon's disk is full",
     }.items()
 }
 
@@ -50,10 +52,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"message": _describe_validation(exc)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # An upload that cannot be spooled to a full disk is not a malformed body.
+        full = disk_full(exc.__cause__, _data_dir(request))
+        if full is not None:
+            return await _unik_error(request, full)
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        full = disk_full(exc, _data_dir(request))
+        if full is not None:
+            return await _unik_error(request, full)
         log.exception("unhandled error")
         return JSONResponse({"message": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def _data_dir(request: Request) -> str:
+    manager = getattr(request.app.state, "manager", None)
+    return str(getattr(manager, "data_dir", "the data dir"))

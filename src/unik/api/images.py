@@ -14,14 +14,16 @@ router = APIRouter(tags=["images"])
 _HUB_BODY = {"requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/HubConfig"}}}}}
 
 
+# Served from the stored wire JSON without a model round trip (see Store.all_wire_json);
+# response_model still documents the shape.
 @router.get("/images", response_model=list[Image])
-async def list_images(manager: ManagerDep) -> list[Image]:
-    return manager.list_images()
+async def list_images(manager: ManagerDep) -> Response:
+    return Response(manager.list_images_json(), media_type="application/json")
 
 
 @router.get("/images/{name}", response_model=Image)
-async def get_image(name: RefPath, manager: ManagerDep) -> Image:
-    return manager.get_image(name)
+async def get_image(name: RefPath, manager: ManagerDep) -> Response:
+    return Response(manager.get_image_json(name), media_type="application/json")
 
 
 @router.post("/images/{name}/create", response_model=Image, status_code=201)

@@ -21,14 +21,16 @@ _RUN_BODY = {
 }
 
 
+# Served from the stored wire JSON without a model round trip (see Store.all_wire_json);
+# response_model still documents the shape.
 @router.get("/instances", response_model=list[Instance])
-async def list_instances(manager: ManagerDep) -> list[Instance]:
-    return manager.list_instances()
+async def list_instances(manager: ManagerDep) -> Response:
+    return Response(manager.list_instances_json(), media_type="application/json")
 
 
 @router.get("/instances/{id}", response_model=Instance)
-async def get_instance(id: RefPath, manager: ManagerDep) -> Instance:
-    return manager.get_instance(id)
+async def get_instance(id: RefPath, manager: ManagerDep) -> Response:
+    return Response(manager.get_instance_json(id), media_type="application/json")
 
 
 @router.delete("/instances/{id}", status_code=204, response_class=Response)

@@ -109,7 +109,7 @@ class QemuProvider(Provider):
 
     def kernel(self) -> Kernel:
         try:
-            return load_kernel(self.kernel_root)
+            return load_kernel(self.kernel_root, self.config.kernel)
         except FileNotFoundError as exc:
             raise UnikError(str(exc)) from exc
 

@@ -1,0 +1,678 @@
+"""The benchmark suite (`make bench`): P1-P5, each beside its floor or target, as one report.
+
+P1 boot     POST /instances/run → the app's first console line, per language (examples/<lang>-http),
+            beside the floor: the same qemu, kernel and machine booting a trivial static init,
+            started directly (bench/boot.py's floor). Interleaved round by round.
+P2 build    tar.gz → image: cold (a new archive each round, so no cache can answer) and
+            unchanged (the same archive again, force=true), beside the compiler alone on the
+            same sources with the same flags (c, cpp). Interleaved round by round.
+P3 size     each language's image: kernel and initrd.
+P4 API      requests/s, p50 and p99 of GET /instances and GET /images/{name} with 100 instance
+            records in the store, loaded by wrk against the real daemon process.
+P5 density  idle c-hello instances of 64 MB started one by one (up to --density-cap): host
+            memory of each qemu beyond its guest RAM (PSS and RSS), and how many stay running.
+
+Writes bench/results/report.md and PNG plots beside it.
+
+    .venv/bin/python bench/run.py [--rounds 3] [--quick] [--only p1,p4] [--density-cap 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from boot import boot_floor, floor_initrd
+from common import EXAMPLES, RESULTS, Daemon, start_daemon, tarball
+
+from unik.models import Image, ImageRunSpec, Instance, InstanceState, now_rfc3339
+from unik.providers.qemu import kvm_usable
+from unik.store import Record, Store
+
+LANGS = ["c", "go", "cpp", "rust", "python", "nodejs", "java"]
+FIRST_LINE = b"listening on"
+HELLO_LINE = b"hello from unik"
+DEADLINE = 300.0
+MIB = 1 << 20
+
+TARGETS = {
+    "p1_ratio": 1.10,
+    "p2_unchanged_s": 0.100,
+    "p2_cold_ratio": 1.3,
+    "p4_rps": 1000.0,
+    "p4_p99_ms": 20.0,
+    "p5_overhead_mib": 30.0,
+}
+
+
+@dataclass
+class Results:
+    host: str = ""
+    rounds: int = 0
+    boot: dict[str, list[float]] = field(default_factory=dict)  # lang → seconds; "floor" too
+    boot_direct: dict[str, list[float]] = field(default_factory=dict)  # lang → the same VM, started directly
+    build_cold: dict[str, list[float]] = field(default_factory=dict)
+    build_unchanged: dict[str, list[float]] = field(default_factory=dict)
+    build_floor: dict[str, list[float]] = field(default_factory=dict)
+    sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # lang → kernel, initrd, memory MB
+    api: dict[str, dict[str, float]] = field(default_factory=dict)  # route → rps, p50_ms, p99_ms
+    density: list[dict[str, float]] = field(default_factory=list)  # per instance: pss, rss, guest MiB
+    density_running: int = 0
+    density_cap: int = 0
+    density_stop_reason: str = ""
+    connections: int = 0
+    load_seconds: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# -- P1/P2/P3: builds and boots through one daemon ------------------------------------------
+
+
+def build(base: str, lang: str, name: str, archive: bytes) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{base}/images/{name}/create",
+        params={"base": "linux", "lang": lang, "provider": "qemu", "force": "true"},
+        files={"tarfile": ("app.tar.gz", archive)},
+        timeout=DEADLINE,
+    )
+    elapsed = time.perf_counter() - started
+    if response.status_code != 201:
+        raise RuntimeError(f"building {lang} failed ({response.status_code}): {response.text[-2000:]}")
+    return elapsed, response.json()
+
+
+def boot_to_line(base: str, image: str, name: str, marker: bytes, memory_mb: int = 0) -> float:
+    """POST /instances/run → `marker` seen through `logs?follow=true`; the instance is deleted after."""
+    started = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=DEADLINE) as http:
+        body: dict[str, Any] = {"InstanceName": name, "ImageName": image}
+        if memory_mb:
+            body["MemoryMb"] = memory_mb
+        http.post("/instances/run", json=body).raise_for_status()
+        seen = b""
+        try:
+            with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
+                for chunk in stream.iter_bytes():
+                    seen += chunk
+                    if marker in seen:
+                        break
+            elapsed = time.perf_counter() - started
+        finally:
+            http.delete(f"/instances/{name}", params={"force": "true"})
+    if marker not in seen:
+        raise RuntimeError(f"{name} never printed {marker!r}:\n{seen.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
+def compiler_alone(lang: str, app: Path, out: Path) -> Callable[[], float] | None:
+    """The compiler on the same sources with the flags unik's compiler uses, timed; None if no floor."""
+    if lang == "c":
+        argv = ["musl-gcc", "-static", "-O2", "-I.", "-o", str(out), *sorted(p.name for p in app.glob("*.c")), "-lm"]
+    elif lang == "cpp":
+        sources = sorted(p.name for p in app.glob("*.cpp"))
+        argv = ["g++", "-static", "-O2", "-std=gnu++17", "-pthread", "-I.", "-o", str(out), *sources]
+    else:
+        return None
+
+    def run() -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=app, check=True)
+        return time.perf_counter() - started
+
+    return run
+
+
+def capture_vm(base: str, data_dir: Path, lang: str, work: Path) -> list[str]:
+    """The qemu command line the daemon runs for this language's image, with its files linked
+    into `work` (a probe instance, deleted after), so the same VM can be started directly."""
+    name = f"{lang}-probe"
+    with httpx.Client(base_url=base, timeout=DEADLINE) as http:
+        instance = http.post("/instances/run", json={"InstanceName": name, "ImageName": f"{lang}-http"}).json()
+        folder = data_dir / "instances" / instance["Id"]
+        try:
+            wait_for_console(data_dir, instance["Id"], FIRST_LINE, DEADLINE)
+            pid = int((folder / "qemu.pid").read_text())
+            argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+            own = work / f"direct-{lang}"
+            own.mkdir()
+            for file in ("kernel", "boot.initrd"):
+                os.link(folder / file, own / file)
+        finally:
+            http.delete(f"/instances/{name}", params={"force": "true"})
+    direct: list[str] = []
+    options = iter(argv)
+    for arg in options:
+        if arg == "-daemonize":
+            continue
+        if arg in ("-pidfile", "-qmp"):
+            next(options)  # the daemon's own handles on the VM, not part of the machine
+            continue
+        direct.append(arg.replace(str(folder), str(own)))
+    return direct
+
+
+def boot_direct(argv: list[str], tag: str, work: Path) -> float:
+    """The daemon's VM started directly (no API, no -daemonize) → the app's first console line."""
+    console = work / f"{tag}.log"
+    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
+    argv = [a.replace(str(folder / "console.log"), str(console)) for a in argv]
+    (folder / "ctl.sock").unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - started < DEADLINE:
+            with contextlib.suppress(OSError):
+                if FIRST_LINE in console.read_bytes():
+                    return time.perf_counter() - started
+            if proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        raise RuntimeError(f"{tag}: the directly started VM never printed {FIRST_LINE!r}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def boots_and_builds(base: str, data_dir: Path, langs: list[str], rounds: int, work: Path, out: Results) -> None:
+    accel = "kvm" if kvm_usable()[0] else "tcg"
+    available = set(httpx.get(f"{base}/available_compilers", timeout=30).json())
+    langs = [lang for lang in langs if f"linux-{lang}-qemu" in available]
+    archives = {lang: tarball(EXAMPLES / f"{lang}-http") for lang in langs}
+    floors = {lang: compiler_alone(lang, EXAMPLES / f"{lang}-http", work / f"floor-{lang}") for lang in langs}
+    # First builds: cold for every language (empty toolchain caches, empty build cache).
+    for lang in langs:
+        seconds, image = build(base, lang, f"{lang}-http", archives[lang])
+        out.build_cold[lang] = [seconds]
+        folder = data_dir / "images" / image["Id"]
+        out.sizes[lang] = (
+            (folder / "kernel").stat().st_size,
+            (folder / "initrd").stat().st_size,
+            int(image["RunSpec"]["DefaultInstanceMemory"]),
+        )
+        print(f"P2 {lang}: first build {seconds:.2f} s", file=sys.stderr)
+    initrd = floor_initrd(work)
+    # The floor boots the very kernel file the images got (the daemon chooses the flavour); a
+    # link of its own, since every rebuild below replaces the image folder it came from.
+    image_id = httpx.get(f"{base}/images/{langs[0]}-http", timeout=30).json()["Id"]
+    kernel = work / "floor-kernel"
+    os.link(data_dir / "images" / image_id / "kernel", kernel)
+    out.boot = {"floor": [], **{lang: [] for lang in langs}}
+    direct = {lang: capture_vm(base, data_dir, lang, work) for lang in langs}
+    out.boot_direct = {lang: [] for lang in langs}
+    for lang in langs:
+        out.build_unchanged[lang] = []
+    for n in range(rounds):
+        out.boot["floor"].append(boot_floor(kernel, initrd, accel, work, n))
+        for lang in langs:
+            out.boot[lang].append(boot_to_line(base, f"{lang}-http", f"{lang}-{n}", FIRST_LINE))
+            out.boot_direct[lang].append(boot_direct(direct[lang], f"direct-{lang}-{n}", work))
+            out.build_unchanged[lang].append(build(base, lang, f"{lang}-http", archives[lang])[0])
+            floor = floors[lang]
+            if floor is not None:
+                # A file the compiler ignores makes a new archive: a cold build, nothing cached.
+                fresh = tarball(EXAMPLES / f"{lang}-http", {f"round-{n}-{uuid.uuid4().hex}.txt": b"cold\n"})
+                out.build_cold[lang].append(build(base, lang, f"{lang}-cold", fresh)[0])
+                out.build_floor.setdefault(lang, []).append(floor())
+        print(
+            f"round {n + 1}: floor {out.boot['floor'][-1]:.2f} s, "
+            + ", ".join(f"{lang} {out.boot[lang][-1]:.2f} s" for lang in langs),
+            file=sys.stderr,
+        )
+    for lang in langs:
+        if lang in out.build_floor:
+            # The first build was also cold, but not interleaved with a floor run: rounds only.
+            out.build_cold[lang] = out.build_cold[lang][1:]
+
+
+# -- P4: the API under load ------------------------------------------------------------------
+
+
+def seed_records(data_dir: Path, instances: int) -> str:
+    """One image and `instances` stopped instances, written straight into the store."""
+    store = Store(data_dir / "unik.db")
+    image = Image(
+        Id=uuid.uuid4().hex,
+        Name="bench-image",
+        SizeMb=52,
+        Infrastructure="QEMU",
+        Created=now_rfc3339(),
+        RunSpec=ImageRunSpec(DefaultInstanceMemory=128, Compiler="linux-c-qemu"),
+    )
+    store.images.insert(
+        Record(image, {"provider": "qemu", "compiler": "linux-c-qemu", "digest": "sha256:" + "0" * 64, "args": []})
+    )
+    for n in range(instances):
+        instance = Instance(
+            Id=uuid.uuid4().hex,
+            Name=f"bench-{n:03d}",
+            State=InstanceState.stopped.value,
+            IpAddress="127.0.0.1",
+            ImageId=image.Id,
+            Infrastructure="QEMU",
+            Created=now_rfc3339(),
+        )
+        spec = {"memory_mb": 128, "env": {"KEY": "value"}, "args": [], "ports": [], "volumes": [], "hostname": ""}
+        store.instances.insert(Record(instance, {"provider": "qemu", "spec": spec, "no_cleanup": False}))
+    store.close()
+    return image.Name
+
+
+_WRK_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+    proc = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    )
+    text = proc.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    latency = {p: float(v) * _UNIT[u] for p, v, u in _WRK_LATENCY.findall(text)}
+    if rps is None or "50" not in latency or "99" not in latency:
+        raise RuntimeError(f"cannot read wrk's output:\n{text}")
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses under load")
+    return {"rps": float(rps.group(1)), "p50_ms": latency["50"], "p99_ms": latency["99"]}
+
+
+def api_load(work: Path, seconds: int, connections: int, out: Results) -> None:
+    if shutil.which("wrk") is None:
+        out.notes.append("P4 skipped: wrk is not installed (`apt-get install wrk`; `make bench` does it).")
+        return
+    data_dir = work / "api"
+    data_dir.mkdir()
+    image = seed_records(data_dir, 100)
+    running: Daemon = start_daemon(data_dir)
+    try:
+        count = len(httpx.get(f"{running.url}/instances", timeout=10).json())
+        if count != 100:
+            raise RuntimeError(f"expected 100 instances, the daemon lists {count}")
+        for route in ("/instances", f"/images/{image}"):
+            wrk(running.url + route, 2, connections)  # warm-up: imports, caches, first connections
+            out.api[route] = wrk(running.url + route, seconds, connections)
+            print(f"P4 GET {route}: {out.api[route]}", file=sys.stderr)
+    finally:
+        running.stop()
+
+
+# -- P5: density -------------------------------------------------------------------------------
+
+
+def qemu_memory(pid: int, guest_mb: int) -> dict[str, float]:
+    """PSS and RSS of the whole qemu, and the resident part of its guest RAM mapping (MiB)."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    pss = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+    rss = int(re.search(r"^Rss:\s+(\d+) kB", rollup, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+    guest_pss = guest_rss = 0.0
+    # The guest RAM is one anonymous mapping of (about) the guest's size; what of it is resident
+    # is the guest's own memory, not qemu's overhead.
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
+        size = re.search(r"^Size:\s+(\d+) kB", block, re.MULTILINE)
+        if size and guest_mb * 1024 <= int(size.group(1)) <= (guest_mb + 4) * 1024:
+            guest_pss += int(re.search(r"^Pss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+            guest_rss += int(re.search(r"^Rss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+            break
+    return {"pss": pss, "rss": rss, "guest_pss": guest_pss, "guest_rss": guest_rss}
+
+
+def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) -> None:
+    memory = 64
+    archive = tarball(EXAMPLES / "c-hello")
+    build(base, "c", "hello", archive)
+    started: list[str] = []
+    out.density_cap = cap
+    try:
+        for n in range(cap):
+            name = f"dense-{n:02d}"
+            try:
+                boot_started = time.perf_counter()
+                with httpx.Client(base_url=base, timeout=DEADLINE) as http:
+                    response = http.post(
+                        "/instances/run", json={"InstanceName": name, "ImageName": "hello", "MemoryMb": memory}
+                    )
+                    if response.status_code != 201:
+                        out.density_stop_reason = f"instance {n + 1}: {response.status_code} {response.text[:200]}"
+                        break
+                    started.append(response.json()["Id"])
+                    wait_for_console(data_dir, started[-1], HELLO_LINE, DEADLINE)
+                boot_s = time.perf_counter() - boot_started
+            except RuntimeError as exc:
+                out.density_stop_reason = f"instance {n + 1}: {exc}"
+                break
+            print(f"P5 instance {n + 1} up in {boot_s:.1f} s", file=sys.stderr)
+        else:
+            out.density_stop_reason = f"the cap ({cap}) was reached"
+        time.sleep(settle)  # idle: the guests have booted and only tick once a second now
+        listing = {i["Id"]: i["State"] for i in httpx.get(f"{base}/instances", timeout=30).json()}
+        out.density_running = sum(1 for i in started if listing.get(i) == InstanceState.running.value)
+        for instance_id in started:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                pid = int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
+                out.density.append(qemu_memory(pid, memory))
+    finally:
+        for instance_id in started:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.delete(f"{base}/instances/{instance_id}", params={"force": "true"}, timeout=60)
+
+
+def wait_for_console(data_dir: Path, instance_id: str, marker: bytes, deadline: float) -> None:
+    console = data_dir / "instances" / instance_id / "console.log"
+    started = time.monotonic()
+    while time.monotonic() - started < deadline:
+        with contextlib.suppress(OSError):
+            if marker in console.read_bytes():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"no {marker!r} on the console within {deadline:.0f} s")
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def report(out: Results, plots: list[str]) -> str:
+    lines = [
+        "# unik benchmark report",
+        "",
+        f"{out.host}. {out.rounds} interleaved rounds; figures are medians.",
+        "",
+        "## Targets",
+        "",
+        "| measure | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    floor = med(out.boot.get("floor", []))
+    for lang, values in out.boot.items():
+        if lang == "floor":
+            continue
+        ratio = med(values) / floor
+        lines.append(
+            f"| P1 boot {lang}: run → first line / floor | {med(values):.2f} s / {floor:.2f} s = {ratio:.2f}x "
+            f"| ≤ {TARGETS['p1_ratio']:.2f}x | {verdict(ratio <= TARGETS['p1_ratio'])} |"
+        )
+    for lang, values in out.build_unchanged.items():
+        value = med(values)
+        lines.append(
+            f"| P2 build {lang}: unchanged source | {value * 1000:.0f} ms "
+            f"| ≤ {TARGETS['p2_unchanged_s'] * 1000:.0f} ms | {verdict(value <= TARGETS['p2_unchanged_s'])} |"
+        )
+    for lang, floors in out.build_floor.items():
+        cold, base = med(out.build_cold[lang]), med(floors)
+        ok = cold / base <= TARGETS["p2_cold_ratio"]
+        lines.append(
+            f"| P2 build {lang}: cold / compiler alone | {cold * 1000:.0f} ms / {base * 1000:.0f} ms = "
+            f"{cold / base:.2f}x | ≤ {TARGETS['p2_cold_ratio']:.1f}x | {verdict(ok)} |"
+        )
+    for route, figures in out.api.items():
+        lines.append(
+            f"| P4 GET {route}: requests/s | {figures['rps']:.0f} | ≥ {TARGETS['p4_rps']:.0f} "
+            f"| {verdict(figures['rps'] >= TARGETS['p4_rps'])} |"
+        )
+        lines.append(
+            f"| P4 GET {route}: p99 latency | {figures['p99_ms']:.1f} ms | ≤ {TARGETS['p4_p99_ms']:.0f} ms "
+            f"| {verdict(figures['p99_ms'] <= TARGETS['p4_p99_ms'])} |"
+        )
+    if out.density:
+        overhead = med([d["pss"] - d["guest_pss"] for d in out.density])
+        lines.append(
+            f"| P5 host memory per idle 64 MB instance beyond its guest RAM (PSS) | {overhead:.1f} MiB "
+            f"| ≤ {TARGETS['p5_overhead_mib']:.0f} MiB | {verdict(overhead <= TARGETS['p5_overhead_mib'])} |"
+        )
+        together = f"{out.density_running} of {out.density_cap} tried"
+        lines.append(f"| P5 64 MB instances running together | {together} | — | |")
+    if out.boot:
+        lines += [
+            "",
+            "## P1 boot: POST /instances/run → the app's first console line",
+            "",
+            "The floor is the same qemu, kernel and machine booting a trivial static init (one line,",
+            "then power-off), started directly with no daemon. Each round boots the floor once and",
+            "every language once. The interpreted runtimes' rows include their own start-up under TCG",
+            "(the floor has no runtime), so only the compiled languages can approach 1.0x.",
+            "",
+            "The third column splits the gap: the daemon's exact qemu command line (same devices,",
+            "NIC, initrd with the run config) started directly, without the API and `-daemonize`.",
+            "unik / direct is what the daemon adds; direct / floor is what the image and its",
+            "virtual machine (virtio NIC and serial, the guest init, the runtime) add.",
+            "",
+            "| | unik: median (range) | same VM started directly | unik / direct | unik / floor |",
+            "|---|---|---|---|---|",
+        ]
+        for lang, values in out.boot.items():
+            direct = out.boot_direct.get(lang, [])
+            own = f"{med(direct):.2f} s" if direct else "—"
+            added = f"{med(values) / med(direct):.2f}x" if direct else "—"
+            lines.append(
+                f"| {lang} | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) | {own} | {added} "
+                f"| {med(values) / floor:.2f}x |"
+            )
+    if out.build_cold:
+        lines += [
+            "",
+            "## P2 build: tar.gz → image",
+            "",
+            "Cold: a new archive (a file the compiler ignores added), so neither unik's build cache nor",
+            "a toolchain cache can answer for the app (first build of each language: empty caches).",
+            "Unchanged: the same archive again with force=true (answered by the build cache).",
+            "Compiler alone: the same compiler and flags on the same sources, no daemon.",
+            "",
+            "| language | cold | unchanged | compiler alone | cold / compiler |",
+            "|---|---|---|---|---|",
+        ]
+        for lang in out.build_cold:
+            cold, again = med(out.build_cold[lang]), med(out.build_unchanged.get(lang, []))
+            floors = out.build_floor.get(lang)
+            alone = f"{med(floors) * 1000:.0f} ms" if floors else "—"
+            ratio = f"{cold / med(floors):.2f}x" if floors else "—"
+            lines.append(f"| {lang} | {cold * 1000:.0f} ms | {again * 1000:.0f} ms | {alone} | {ratio} |")
+    if out.sizes:
+        lines += [
+            "",
+            "## P3 image size",
+            "",
+            "| language | kernel | initrd (uncompressed) | default memory |",
+            "|---|---|---|---|",
+        ]
+        for lang, (kernel, initrd, memory) in out.sizes.items():
+            lines.append(f"| {lang} | {kernel / MIB:.1f} MiB | {initrd / MIB:.1f} MiB | {memory} MB |")
+    if out.api:
+        lines += [
+            "",
+            "## P4 API under load",
+            "",
+            "100 stopped instance records and one image written straight into the store; the real",
+            f"daemon process; `wrk -t1 -c{out.connections} -d{out.load_seconds}s`, after a 2 s warm-up,",
+            "on the same 2 cores as the daemon.",
+            "",
+            "| route | requests/s | p50 | p99 |",
+            "|---|---|---|---|",
+        ]
+        for route, figures in out.api.items():
+            lines.append(
+                f"| GET {route} | {figures['rps']:.0f} | {figures['p50_ms']:.2f} ms | {figures['p99_ms']:.2f} ms |"
+            )
+    if out.density:
+        pss = [d["pss"] for d in out.density]
+        rss = [d["rss"] for d in out.density]
+        beyond_pss = [d["pss"] - d["guest_pss"] for d in out.density]
+        beyond_rss = [d["rss"] - d["guest_rss"] for d in out.density]
+        lines += [
+            "",
+            "## P5 density: idle 64 MB c-hello instances",
+            "",
+            f"Started one by one until one failed or the cap; {out.density_running} of {len(out.density)} "
+            f"started were `running` after they idled ({out.density_stop_reason}).",
+            "",
+            "| per instance (MiB, median) | PSS | RSS |",
+            "|---|---|---|",
+            f"| whole qemu process | {med(pss):.1f} | {med(rss):.1f} |",
+            f"| beyond the guest RAM actually resident | {med(beyond_pss):.1f} | {med(beyond_rss):.1f} |",
+            f"| minus the full 64 MiB of guest RAM | {med(pss) - 64:.1f} | {med(rss) - 64:.1f} |",
+            "",
+            "An idle guest touches only part of its 64 MiB; the overhead is qemu minus the resident",
+            "part of its guest-RAM mapping (read from /proc/PID/smaps).",
+        ]
+    elif out.density_cap:
+        lines += ["", "## P5 density", "", f"No instance was measured: {out.density_stop_reason}."]
+    if out.notes:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in out.notes]]
+    if plots:
+        lines += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Results, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    if out.boot:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = list(out.boot)
+        ax.bar(labels, [med(out.boot[k]) for k in labels], color=["grey", *["tab:blue"] * (len(labels) - 1)])
+        ax.axhline(med(out.boot["floor"]) * TARGETS["p1_ratio"], color="red", linestyle="--", label="1.10x floor")
+        ax.set_ylabel("seconds")
+        ax.set_title("P1 boot: run → first console line (median)")
+        ax.legend()
+        save(fig, "p1_boot.png")
+    if out.build_cold:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        langs = list(out.build_cold)
+        xs = range(len(langs))
+        width = 0.27
+        ax.bar([x - width for x in xs], [med(out.build_cold[k]) for k in langs], width, label="cold")
+        ax.bar(xs, [med(out.build_unchanged.get(k, [])) for k in langs], width, label="unchanged")
+        ax.bar([x + width for x in xs], [med(out.build_floor.get(k, [])) for k in langs], width, label="compiler alone")
+        ax.set_xticks(list(xs), langs)
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (log)")
+        ax.set_title("P2 build: tar.gz → image")
+        ax.legend()
+        save(fig, "p2_build.png")
+    if out.sizes:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        langs = list(out.sizes)
+        kernels = [out.sizes[k][0] / MIB for k in langs]
+        initrds = [out.sizes[k][1] / MIB for k in langs]
+        ax.bar(langs, kernels, label="kernel")
+        ax.bar(langs, initrds, bottom=kernels, label="initrd")
+        ax.set_ylabel("MiB")
+        ax.set_title("P3 image size")
+        ax.legend()
+        save(fig, "p3_size.png")
+    if out.api:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+        routes = list(out.api)
+        left.bar(routes, [out.api[r]["rps"] for r in routes])
+        left.axhline(TARGETS["p4_rps"], color="red", linestyle="--")
+        left.set_title("P4 requests/s")
+        right.bar([f"{r}\np50" for r in routes], [out.api[r]["p50_ms"] for r in routes])
+        right.bar([f"{r}\np99" for r in routes], [out.api[r]["p99_ms"] for r in routes])
+        right.axhline(TARGETS["p4_p99_ms"], color="red", linestyle="--")
+        right.set_title("P4 latency (ms)")
+        right.tick_params(axis="x", labelsize=7)
+        save(fig, "p4_api.png")
+    if out.density:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        xs = list(range(1, len(out.density) + 1))
+        ax.plot(xs, [d["pss"] for d in out.density], marker="o", label="qemu PSS")
+        ax.plot(xs, [d["pss"] - d["guest_pss"] for d in out.density], marker="o", label="PSS beyond guest RAM")
+        ax.axhline(TARGETS["p5_overhead_mib"], color="red", linestyle="--", label="30 MiB target")
+        ax.set_xlabel("instance (in start order)")
+        ax.set_ylabel("MiB")
+        ax.set_title("P5 host memory per idle 64 MB instance")
+        ax.legend()
+        save(fig, "p5_density.png")
+    return made
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="c only, one round, a small density cap")
+    parser.add_argument("--langs", default=",".join(LANGS))
+    parser.add_argument("--only", default="p1,p2,p3,p4,p5", help="which parts (p1-p3 share one run)")
+    parser.add_argument("--density-cap", type=int, default=24)
+    parser.add_argument("--load-seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args()
+    langs = ["c"] if options.quick else [lang for lang in options.langs.split(",") if lang]
+    rounds = 1 if options.quick else options.rounds
+    cap = min(options.density_cap, 4) if options.quick else options.density_cap
+    parts = set(options.only.split(","))
+
+    accel = "kvm" if kvm_usable()[0] else "tcg"
+    out = Results(
+        host=f"Host {platform.node()}, {platform.machine()}, {os.cpu_count()} cores, accel {accel}, "
+        f"machine pc, {time.strftime('%Y-%m-%d')}",
+        rounds=rounds,
+    )
+    work = Path(tempfile.mkdtemp(prefix="unik-bench-", dir="/tmp"))
+    try:
+        if parts & {"p1", "p2", "p3", "p5"}:
+            data_dir = work / "data"
+            running = start_daemon(data_dir)
+            try:
+                kernel = httpx.get(f"{running.url}/version", timeout=30).json()["providers"]["qemu"]["kernel"]
+                out.host += f", guest kernel {kernel}"
+                if parts & {"p1", "p2", "p3"}:
+                    boots_and_builds(running.url, data_dir, langs, rounds, work, out)
+                if "p5" in parts:
+                    density(running.url, data_dir, cap, 10.0, out)
+            finally:
+                running.stop()
+        if "p4" in parts:
+            out.connections, out.load_seconds = options.connections, options.load_seconds
+            api_load(work, options.load_seconds, options.connections, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    text = report(out, plot(out, options.out))
+    (options.out / "report.md").write_text(text)
+    (options.out / "results.json").write_text(json.dumps(out.__dict__, indent=1, default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from unik import guest, hub, volumes
 from unik.archive import safe_extract
 from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
-from unik.compilers import CompilerRegistry
+from unik.compilers import Compiler, CompilerRegistry
 from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
 from unik.config import DaemonConfig
 from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError, disk_full
@@ -193,12 +193,6 @@ class Manager:
 
     # -- images ------------------------------------------------------------------------------
 
-    def list_images(self) -> list[Image]:
-        return [r.obj for r in self.store.images.all()]
-
-    def get_image(self, ref: str) -> Image:
-        return self.store.images.find(ref).obj
-
     def list_images_json(self) -> bytes:
         return self.store.images.all_wire_json()
 
@@ -226,99 +220,136 @@ class Manager:
         except ValueError as exc:
             raise BadRequest(f"args: {exc}") from exc
         mount_points = _mount_points(mounts or [])
-        if name in self._building:
-            raise Conflict(f"image {name!r} is being built right now")
-        if not force and self.store.images.has_name(name):
-            raise Conflict(f"image {name!r} already exists (use force to replace it)")
-        self._building.add(name)
         image_id = uuid.uuid4().hex
         work = self.tmp_dir / f"build-{image_id}"
         final = self.images_dir / image_id
+        with self._reserving_image(name, force):
+            try:
+                return await self._build(
+                    name, upload, image_id, work, compiler, provider, default_args, mount_points, force
+                )
+            except BaseException as exc:
+                shutil.rmtree(final, ignore_errors=True)
+                _raise_if_disk_full(exc, self.data_dir)
+                raise
+            finally:
+                if no_cleanup:
+                    log.warning("no_cleanup: build files of image %s kept in %s", name, work)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _reserving_image(self, name: str, force: bool) -> Iterator[None]:
+        """One build or pull per name at a time; a taken name needs force."""
+        if name in self._building:
+            raise Conflict(f"image {name!r} is being built or pulled right now")
+        if not force and self.store.images.has_name(name):
+            raise Conflict(f"image {name!r} already exists (use force to replace it)")
+        self._building.add(name)
         try:
-            staging = work / "image"
-            build_key = await asyncio.to_thread(
-                self._build_cache_key, upload, compiler.name, default_args, mount_points, provider
-            )
-            cached = None
-            if build_key is not None:
-                cached = await asyncio.to_thread(self.build_cache.restore, build_key, staging, _image_digest)
-            if cached is not None:
-                log.info("build cache hit for image %s (key %s): not unpacked, not compiled", name, build_key[:16])
-                digest, size, memory_mb = cached.digest, cached.size, cached.memory_mb
-                kernel_version = cached.kernel_version
-            else:
-                source = work / "src"
-                await asyncio.to_thread(
-                    safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20
-                )
-                with self._sandbox(work):
-                    bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
-                kernel = provider.kernel()
-                init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
-                try:
-                    modules = kernel.module_closure(BASE_MODULES + bundle.modules)
-                except ValueError as exc:
-                    raise UnikError(f"kernel {kernel.version}: {exc}") from exc
-                staging.mkdir()
-                await asyncio.to_thread(
-                    guest.assemble_initrd,
-                    staging / "initrd",
-                    init_binary=init_binary,
-                    app_root=bundle.root,
-                    entrypoint=bundle.entrypoint,
-                    args=default_args,
-                    env=bundle.env,
-                    modules=modules,
-                )
-                await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
-                digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
-                memory_mb, kernel_version = bundle.memory_mb, kernel.version
-                if build_key is not None:
-                    built = CachedBuild(digest=digest, size=size, memory_mb=memory_mb, kernel_version=kernel_version)
-                    await asyncio.to_thread(self.build_cache.store, build_key, staging, built)
-            image = Image(
-                Id=image_id,
-                Name=name,
-                SizeMb=max(1, math.ceil(size / (1 << 20))),
-                Infrastructure=provider.infrastructure,
-                Created=now_rfc3339(),
-                StageSpec=ImageStageSpec(ImageFormat="folder"),
-                RunSpec=ImageRunSpec(
-                    DeviceMappings=[
-                        DeviceMapping(MountPoint=m, DeviceName=f"/dev/vd{chr(ord('b') + i)}")
-                        for i, m in enumerate(mount_points)
-                    ],
-                    DefaultInstanceMemory=max(provider_default_memory(self.config), memory_mb),
-                    Compiler=compiler.name,
-                ),
-            )
-            staging.rename(final)
-            internal = {
-                "provider": provider_name,
-                "compiler": compiler.name,
-                "kernel_version": kernel_version,
-                "digest": digest,
-                "args": default_args,
-                "dir": str(final),
-                # hit: the files came from the build cache; miss: compiled (and cached); off: not cacheable.
-                "build_cache": "off" if build_key is None else "hit" if cached is not None else "miss",
-            }
-            replaced = self.store.images.insert(Record(image, internal), replace_name=force)
-            if replaced is not None:
-                # Instances keep their own links to the files, so the old folder can go now.
-                shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
-            log.info("built image %s (%s) in %s", name, image_id, final)
-            return image
-        except BaseException as exc:
-            shutil.rmtree(final, ignore_errors=True)
-            _raise_if_disk_full(exc, self.data_dir)
-            raise
+            yield
         finally:
             self._building.discard(name)
-            if no_cleanup:
-                log.warning("no_cleanup: build files of image %s kept in %s", name, work)
-            else:
-                shutil.rmtree(work, ignore_errors=True)
+
+    def _record_image(self, image: Image, internal: dict[str, object], *, force: bool) -> None:
+        replaced = self.store.images.insert(Record(image, internal), replace_name=force)
+        if replaced is not None:
+            # Instances keep their own links to the files, so the old folder can go now.
+            shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
+
+    async def _build(
+        self,
+        name: str,
+        upload: BinaryIO,
+        image_id: str,
+        work: Path,
+        compiler: Compiler,
+        provider: Provider,
+        default_args: list[str],
+        mount_points: list[str],
+        force: bool,
+    ) -> Image:
+        final = self.images_dir / image_id
+        staging = work / "image"
+        build_key = await asyncio.to_thread(
+            self._build_cache_key, upload, compiler.name, default_args, mount_points, provider
+        )
+        cached = None
+        if build_key is not None:
+            cached = await asyncio.to_thread(self.build_cache.restore, build_key, staging, _image_digest)
+        if cached is not None:
+            log.info("build cache hit for image %s (key %s): not unpacked, not compiled", name, build_key[:16])
+            built = cached
+        else:
+            built = await self._compile(upload, work, staging, compiler, provider, default_args)
+            if build_key is not None:
+                await asyncio.to_thread(self.build_cache.store, build_key, staging, built)
+        digest, size, memory_mb, kernel_version = built.digest, built.size, built.memory_mb, built.kernel_version
+        image = Image(
+            Id=image_id,
+            Name=name,
+            SizeMb=max(1, math.ceil(size / (1 << 20))),
+            Infrastructure=provider.infrastructure,
+            Created=now_rfc3339(),
+            StageSpec=ImageStageSpec(ImageFormat="folder"),
+            RunSpec=ImageRunSpec(
+                DeviceMappings=[
+                    DeviceMapping(MountPoint=m, DeviceName=f"/dev/vd{chr(ord('b') + i)}")
+                    for i, m in enumerate(mount_points)
+                ],
+                DefaultInstanceMemory=max(provider_default_memory(self.config), memory_mb),
+                Compiler=compiler.name,
+            ),
+        )
+        staging.rename(final)
+        internal = {
+            "provider": provider.name,
+            "compiler": compiler.name,
+            "kernel_version": kernel_version,
+            "digest": digest,
+            "args": default_args,
+            "dir": str(final),
+            # hit: the files came from the build cache; miss: compiled (and cached); off: not cacheable.
+            "build_cache": "off" if build_key is None else "hit" if cached is not None else "miss",
+        }
+        self._record_image(image, internal, force=force)
+        log.info("built image %s (%s) in %s", name, image_id, final)
+        return image
+
+    async def _compile(
+        self,
+        upload: BinaryIO,
+        work: Path,
+        staging: Path,
+        compiler: Compiler,
+        provider: Provider,
+        default_args: list[str],
+    ) -> CachedBuild:
+        """Unpack, compile in the sandbox, and assemble kernel + initrd into `staging`."""
+        source = work / "src"
+        await asyncio.to_thread(safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20)
+        with self._sandbox(work):
+            bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
+        kernel = provider.kernel()
+        init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
+        try:
+            modules = kernel.module_closure(BASE_MODULES + bundle.modules)
+        except ValueError as exc:
+            raise UnikError(f"kernel {kernel.version}: {exc}") from exc
+        staging.mkdir()
+        await asyncio.to_thread(
+            guest.assemble_initrd,
+            staging / "initrd",
+            init_binary=init_binary,
+            app_root=bundle.root,
+            entrypoint=bundle.entrypoint,
+            args=default_args,
+            env=bundle.env,
+            modules=modules,
+        )
+        await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
+        digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
+        return CachedBuild(digest=digest, size=size, memory_mb=bundle.memory_mb, kernel_version=kernel.version)
 
     def _build_cache_key(
         self, upload: BinaryIO, compiler: str, args: list[str], mounts: list[str], provider: Provider
@@ -381,9 +412,6 @@ class Manager:
         await asyncio.to_thread(shutil.rmtree, self.images_dir / record.id, True)
 
     # -- instances -------------------------------------------------------------------------
-
-    def list_instances(self) -> list[Instance]:
-        return [r.obj for r in self.store.instances.all()]
 
     def get_instance(self, ref: str) -> Instance:
         return self.store.instances.find(ref).obj
@@ -822,58 +850,57 @@ class Manager:
         _require_name(name, "image")
         provider = self.provider(provider_name)
         remote_hub = hub.Hub(self.config.hub, credentials)
-        if name in self._building:
-            raise Conflict(f"image {name!r} is being built or pulled right now")
-        if not force and self.store.images.has_name(name):
-            raise Conflict(f"image {name!r} already exists (use force to replace it)")
-        self._building.add(name)
         image_id = uuid.uuid4().hex
         work = self.tmp_dir / f"pull-{image_id}"
+        final = self.images_dir / image_id
+        with self._reserving_image(name, force):
+            try:
+                return await self._pull(name, remote_hub, image_id, work, provider, force)
+            except BaseException as exc:
+                shutil.rmtree(final, ignore_errors=True)
+                _raise_if_disk_full(exc, self.data_dir)
+                raise
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+    async def _pull(
+        self, name: str, remote_hub: hub.Hub, image_id: str, work: Path, provider: Provider, force: bool
+    ) -> Image:
         staging = work / "image"
         final = self.images_dir / image_id
-        try:
-            with self.hub_transfers.track(name, image_id, "pull", "downloading") as transfer:
-                remote = await asyncio.to_thread(remote_hub.head, name)
-                hub.require_provider(name, remote.provider or provider_name, provider_name)
-                work.mkdir()
-                await asyncio.to_thread(remote_hub.download, remote, work / "image.tar", transfer)
-                transfer.begin("verifying")
-                manifest = await asyncio.to_thread(hub.unpack_artifact, work / "image.tar", remote.sha256, staging)
-                # The same function that made the digest at build time, over the files as unpacked.
-                digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
-            if digest != manifest.digest or (remote.digest and remote.digest != digest):
-                raise BadGateway(f"the pulled image's digest {digest} does not match the hub's {manifest.digest}")
-            hub.require_provider(name, manifest.provider, provider_name)
-            image = manifest.image.model_copy(
-                update={
-                    "Id": image_id,
-                    "Name": name,
-                    "SizeMb": max(1, math.ceil(size / (1 << 20))),
-                    "Infrastructure": provider.infrastructure,
-                }
-            )
-            staging.rename(final)
-            internal = {
-                "provider": provider_name,
-                "compiler": manifest.compiler,
-                "kernel_version": manifest.kernel_version,
-                "digest": digest,
-                "args": manifest.args,
-                "dir": str(final),
-                "pulled_from": remote_hub.where(name),
+        with self.hub_transfers.track(name, image_id, "pull", "downloading") as transfer:
+            remote = await asyncio.to_thread(remote_hub.head, name)
+            hub.require_provider(name, remote.provider or provider.name, provider.name)
+            work.mkdir()
+            await asyncio.to_thread(remote_hub.download, remote, work / "image.tar", transfer)
+            transfer.begin("verifying")
+            manifest = await asyncio.to_thread(hub.unpack_artifact, work / "image.tar", remote.sha256, staging)
+            # The same function that made the digest at build time, over the files as unpacked.
+            digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
+        if digest != manifest.digest or (remote.digest and remote.digest != digest):
+            raise BadGateway(f"the pulled image's digest {digest} does not match the hub's {manifest.digest}")
+        hub.require_provider(name, manifest.provider, provider.name)
+        image = manifest.image.model_copy(
+            update={
+                "Id": image_id,
+                "Name": name,
+                "SizeMb": max(1, math.ceil(size / (1 << 20))),
+                "Infrastructure": provider.infrastructure,
             }
-            replaced = self.store.images.insert(Record(image, internal), replace_name=force)
-            if replaced is not None:
-                shutil.rmtree(self.images_dir / replaced.id, ignore_errors=True)
-            log.info("pulled image %s (%s) from %s", name, image_id, remote_hub.where(name))
-            return image
-        except BaseException as exc:
-            shutil.rmtree(final, ignore_errors=True)
-            _raise_if_disk_full(exc, self.data_dir)
-            raise
-        finally:
-            self._building.discard(name)
-            shutil.rmtree(work, ignore_errors=True)
+        )
+        staging.rename(final)
+        internal = {
+            "provider": provider.name,
+            "compiler": manifest.compiler,
+            "kernel_version": manifest.kernel_version,
+            "digest": digest,
+            "args": manifest.args,
+            "dir": str(final),
+            "pulled_from": remote_hub.where(name),
+        }
+        self._record_image(image, internal, force=force)
+        log.info("pulled image %s (%s) from %s", name, image_id, remote_hub.where(name))
+        return image
 
     async def remote_delete_image(self, name: str, credentials: HubConfig) -> None:
         remote_hub = hub.Hub(self.config.hub, credentials)

@@ -269,17 +269,8 @@ def _fetch_locked(kernel_root: Path) -> Kernel:
             shutil.move(config, stage / "config")
         extract_vmlinux(stage / "vmlinuz", stage / "vmlinux")
 
-        final = kernel_root / version
-        if final.exists():
-            # A leftover from an interrupted fetch that never became current.
-            shutil.rmtree(final)
-        os.rename(stage, final)
-
-    link_tmp = kernel_root / f".{CURRENT}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        link_tmp.unlink()
-    os.symlink(version, link_tmp)
-    os.replace(link_tmp, kernel_root / CURRENT)
+        _install(stage, kernel_root / version)
+    _point(kernel_root, CURRENT, version)
     return load(kernel_root)
 
 
@@ -406,17 +397,25 @@ def _build_micro_locked(kernel_root: Path, source_version: str, key: str, log: P
         # Nothing is loadable: module_closure finds every base module in modules.builtin.
         (modules / "modules.dep").write_text("")
         (stage / "build-key").write_text(key + "\n")
-        final = kernel_root / version
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(stage, final)
+        _install(stage, kernel_root / version)
+    _point(kernel_root, MICRO, version)
+    return load(kernel_root, "micro")
 
-    link_tmp = kernel_root / f".{MICRO}.{os.getpid()}"
+
+def _install(stage: Path, final: Path) -> None:
+    if final.exists():
+        # A leftover from an interrupted fetch or build that never became current.
+        shutil.rmtree(final)
+    os.rename(stage, final)
+
+
+def _point(kernel_root: Path, link: str, version: str) -> None:
+    """Switch the symlink atomically: a daemon reading it sees the old kernel or the new one."""
+    link_tmp = kernel_root / f".{link}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         link_tmp.unlink()
     os.symlink(version, link_tmp)
-    os.replace(link_tmp, kernel_root / MICRO)
-    return load(kernel_root, "micro")
+    os.replace(link_tmp, kernel_root / link)
 
 
 def _unpack_source(work: Path, source_version: str) -> Path:

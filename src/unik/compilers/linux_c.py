@@ -45,7 +45,7 @@ class LinuxCCompiler(Compiler):
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
         if (project / "Makefile").exists() or (project / "makefile").exists():
-            binary = await self._make(project, timeout)
+            binary = await make_app(project, ["CC=musl-gcc", "LDFLAGS=-static"], timeout)
         else:
             sources = sorted(
                 str(p.relative_to(project))
@@ -67,19 +67,22 @@ class LinuxCCompiler(Compiler):
         (root / GUEST_APP).chmod(0o755)
         return AppBundle(root=root, entrypoint=["/" + GUEST_APP])
 
-    async def _make(self, project: Path, timeout: float) -> Path:
-        before = set(_executables(project))
-        await run_tool(["make", "CC=musl-gcc", "LDFLAGS=-static"], cwd=project, timeout=timeout)
-        app = project / "app"
-        if app.is_file():
-            return app
-        new = sorted(set(_executables(project)) - before)
-        if len(new) != 1:
-            found = ", ".join(str(p.relative_to(project)) for p in new) or "none"
-            raise BadRequest(
-                f"the Makefile must produce an executable named `app` (or exactly one new executable); found: {found}"
-            )
-        return new[0]
+
+
+async def make_app(project: Path, variables: list[str], timeout: float) -> Path:
+    """Run the project's Makefile; the program is `app`, or else the one new executable."""
+    before = set(_executables(project))
+    await run_tool(["make", *variables], cwd=project, timeout=timeout)
+    app = project / "app"
+    if app.is_file():
+        return app
+    new = sorted(set(_executables(project)) - before)
+    if len(new) != 1:
+        found = ", ".join(str(p.relative_to(project)) for p in new) or "none"
+        raise BadRequest(
+            f"the Makefile must produce an executable named `app` (or exactly one new executable); found: {found}"
+        )
+    return new[0]
 
 
 def project_root(source: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
-from unik.compilers.linux_c import _executables, project_root
+from unik.compilers.linux_c import make_app, project_root
 from unik.compilers.toolchain import install_program, which
 from unik.errors import BadRequest
 
@@ -46,7 +46,7 @@ class LinuxCppCompiler(Compiler):
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
         if (project / "Makefile").exists() or (project / "makefile").exists():
-            binary = await _make(project, timeout)
+            binary = await make_app(project, ["CXX=g++", "CC=gcc", "LDFLAGS=-static"], timeout)
         else:
             sources = cxx_sources(project)
             if not sources:
@@ -68,18 +68,3 @@ def cxx_sources(project: Path) -> list[str]:
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(project).parts)
     )
-
-
-async def _make(project: Path, timeout: float) -> Path:
-    before = set(_executables(project))
-    await run_tool(["make", "CXX=g++", "CC=gcc", "LDFLAGS=-static"], cwd=project, timeout=timeout)
-    app = project / "app"
-    if app.is_file():
-        return app
-    new = sorted(set(_executables(project)) - before)
-    if len(new) != 1:
-        found = ", ".join(str(p.relative_to(project)) for p in new) or "none"
-        raise BadRequest(
-            f"the Makefile must produce an executable named `app` (or exactly one new executable); found: {found}"
-        )
-    return new[0]

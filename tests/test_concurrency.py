@@ -92,7 +92,13 @@ def test_twenty_builds_and_runs_at_once(daemon: Daemon) -> None:
         # Every app really runs, and prints its own greeting.
         for index in range(count):
             greeting = f"hello from unik: vm {index}"
-            wait_for(f"vm-{index}'s app", lambda i=index, g=greeting: g in client.instances.logs(f"vm-{i}"))
+            try:
+                wait_for(f"vm-{index}'s app", lambda i=index, g=greeting: g in client.instances.logs(f"vm-{i}"))
+            except AssertionError as timeout:
+                # What the guest printed is what the next person needs to see.
+                state = client.instances.get(f"vm-{index}").State
+                tail = client.instances.logs(f"vm-{index}")[-3000:]
+                raise AssertionError(f"{timeout}; state {state}; console:\n{tail}") from None
         first_output = time.monotonic() - started
         sampling = False
         sampler.join()

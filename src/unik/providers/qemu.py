@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -381,11 +382,29 @@ def boot_argv(
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", " ".join([*BOOT_ARGS, config.kernel_cmdline]).strip(),
+        "-append", " ".join([*BOOT_ARGS, *_tsc_hint(accel), config.kernel_cmdline]).strip(),
         "-chardev", f"file,id=console,path={console},append=on",
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]  # fmt: skip
+
+
+@functools.cache
+def _host_tsc_khz() -> int | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return round(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _tsc_hint(accel: str) -> list[str]:
+    """Under TCG the guest's TSC is the host's: telling the kernel its rate skips the early
+    calibration, which on a loaded host sometimes goes wrong and hangs the boot (PLATFORM.md)."""
+    khz = _host_tsc_khz() if accel == "tcg" else None
+    return [f"tsc_early_khz={khz}"] if khz else []
 
 
 def _escape(value: str | Path) -> str:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import daemon, tarball
+from common import daemon, publish, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
@@ -177,10 +177,7 @@ def main() -> int:
             "Build floor: musl-gcc -static -O2 on the same sources.",
         ]
     )
-    print(report)
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "boot.md").write_text(report + "\n")
+    publish(report, "boot.md")
     return 0
 
 

@@ -99,3 +99,10 @@ def tarball(app: Path, extra: dict[str, bytes] | None = None) -> bytes:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
+
+
+def publish(report: str, name: str) -> None:
+    """Print a report and keep it as bench/results/<name>, where `make bench` puts everything."""
+    print(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(report.rstrip("\n") + "\n")

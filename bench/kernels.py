@@ -25,7 +25,7 @@ import yaml
 
 # Run as a script, bench/ is on sys.path: the boot benchmark's steps are reused as they are.
 from boot import app_tarball, boot_floor, boot_ours, build_ours, floor_initrd
-from common import daemon
+from common import daemon, publish
 
 from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
@@ -104,10 +104,7 @@ def main() -> int:
         "vmlinux is the stripped ELF qemu loads; image SizeMb is that kernel plus the initrd.",
     ]
     report = "\n".join(lines)
-    print(report)
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "kernels.md").write_text(report + "\n")
+    publish(report, "kernels.md")
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import daemon, free_port
+from common import daemon, free_port, publish
 
 from unik.client import UnikClient
 from unik.providers.qemu import kvm_usable
@@ -136,10 +136,7 @@ def main() -> int:
                     continue
                 results.append(measure(client, data_dir, lang, options.rounds))
     text = table(results, accel, options.rounds)
-    print(text)
-    out = ROOT / "bench" / "results" / "languages.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    publish(text, "languages.md")
     return 0
 
 

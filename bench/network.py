@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import daemon, free_port, tarball
+from common import daemon, free_port, publish, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
@@ -221,10 +221,7 @@ def main() -> int:
             "examples/c-hello and qemu without the daemon, to isolate what modules and the NIC cost.",
         ]
     )
-    print(report)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "network.md").write_text(report + "\n")
+    publish(report, "network.md")
     return 0
 
 

@@ -318,15 +318,7 @@ def build(
     if not path.expanduser().exists():
         raise ValueError(f"--path {path}: no such file or folder")
     client = _client(host)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as bar:
+    with _byte_progress() as bar:
         task: TaskID = bar.add_task("uploading", total=None)
 
         def progress(sent: int, total: int) -> None:
@@ -582,11 +574,9 @@ def login(
     typer.echo(f"hub credentials saved in {path}")
 
 
-@contextlib.contextmanager
-def _transfer_progress(image: str) -> Iterator[tuple[HubProgressCallback, list[HubTransfer]]]:
-    """A bar with bytes and rate fed by the daemon's view of the transfer; yields the last one seen."""
-    seen: list[HubTransfer] = []
-    with Progress(
+def _byte_progress() -> Progress:
+    """A transient bar on stderr with bytes, rate and elapsed time (uploads and hub transfers)."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -594,7 +584,14 @@ def _transfer_progress(image: str) -> Iterator[tuple[HubProgressCallback, list[H
         TimeElapsedColumn(),
         console=_console(stderr=True),
         transient=True,
-    ) as bar:
+    )
+
+
+@contextlib.contextmanager
+def _transfer_progress(image: str) -> Iterator[tuple[HubProgressCallback, list[HubTransfer]]]:
+    """A bar with bytes and rate fed by the daemon's view of the transfer; yields the last one seen."""
+    seen: list[HubTransfer] = []
+    with _byte_progress() as bar:
         task = bar.add_task(f"{image}: starting", total=None)
 
         def show(transfer: HubTransfer) -> None:

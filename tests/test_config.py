@@ -133,6 +133,7 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "publish_address": "127.0.0.2",
         "dns": "10.1.2.53",
         "kernel": "cloud",
+        "firmware": "seabios",
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 

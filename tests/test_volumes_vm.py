@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def test_mount_at_boot_then_hot_attach_and_detach(
     assert client.volumes.get("boot").Attachment == instance.Id
     wait_for("the boot volume's file", lambda: "data=from the boot volume" in client.instances.logs("p1"))
 
+    # A request cut off mid-line (a daemon killed while it talked to the guest) leaves a
+    # fragment on the control channel; the next request must not be confused by it.
+    with socket.socket(socket.AF_UNIX) as control:
+        control.connect(str(daemon.data_dir / "instances" / instance.Id / "ctl.sock"))
+        control.sendall(b"0badc0ffee umount /da")
+
     # Hot-attach: the guest mounts it without a reboot and the app reads (and writes) it.
     assert client.volumes.attach("hot", "p1", "/hot") == "hot"
     assert client.volumes.get("hot").Attachment == instance.Id
@@ -111,9 +118,7 @@ def test_busy_volume_cannot_be_detached(client: UnikClient, probe: str, tmp_path
     client.volumes.delete("held")
 
 
-def test_data_survives_a_forced_kill_after_sync(
-    client: UnikClient, daemon: Daemon, probe: str, tmp_path: Path
-) -> None:
+def test_data_survives_a_forced_kill_after_sync(client: UnikClient, daemon: Daemon, probe: str, tmp_path: Path) -> None:
     client.volumes.create("boot", data=folder(tmp_path, "boot", {"data.txt": "x\n"}))
     client.volumes.create("scratch", data=folder(tmp_path, "scratch", {"in.txt": "go\n"}))
     instance = client.instances.run("p3", probe, mounts={"/data": "boot", "/hot": "scratch"})

@@ -46,6 +46,9 @@ class QemuProviderConfig(BaseModel):
     # kernel-micro`; boots in half the time), or "cloud", Debian's cloud kernel as fetched.
     # Built images keep the kernel they were built with.
     kernel: Literal["cloud", "micro"] = "micro"
+    # The VM's firmware. qboot (shipped with qemu) only sets up what booting Linux needs; under
+    # TCG it reaches the kernel ~0.06-0.09 s sooner than qemu's default, SeaBIOS ("seabios").
+    firmware: Literal["qboot", "seabios"] = "qboot"
 
     @model_validator(mode="after")
     def _bridge_needs_names(self) -> QemuProviderConfig:

@@ -27,6 +27,7 @@ from unik.compilers import Compiler, CompilerRegistry
 from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
 from unik.config import DaemonConfig
 from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError, disk_full
+from unik.filewatch import FileChanges
 from unik.models import (
     DeviceMapping,
     HubConfig,
@@ -49,12 +50,14 @@ log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL = 0.5
 LOG_POLL_INTERVAL = 0.05
-# Kernel modules every image carries (the cloud kernel has the serial console, ext4 and the
-# i8042 keyboard controller built in): virtio disks for volumes, the virtio-serial port that
-# carries the control channel, FAT with its code pages for `fat` volumes, and the virtio NIC
-# (with its failover deps) that every network mode but `none` plugs in.
+# How often a log follower with nothing new to read checks that the VM still runs.
+LOG_LIVENESS_INTERVAL = 0.25
+# Kernel modules every image carries (the cloud kernel has the serial ports, which carry the
+# console and the control channel, ext4 and the i8042 keyboard controller built in): virtio
+# disks for volumes, FAT with its code pages for `fat` volumes, and the virtio NIC (with its
+# failover deps) that every network mode but `none` plugs in.
 BASE_MODULES: list[str] = [
-    "virtio_pci", "virtio_blk", "virtio_console", "vfat", "nls_cp437", "nls_utf8", "nls_ascii", "virtio_net",
+    "virtio_pci", "virtio_blk", "vfat", "nls_cp437", "nls_utf8", "nls_ascii", "virtio_net",
 ]  # fmt: skip
 
 LIVE_STATES = {InstanceState.running.value, InstanceState.pending.value}
@@ -672,6 +675,7 @@ class Manager:
         """Console output so far, then new output as it appears, until the VM stops."""
         record, path, provider = self._console(ref)
         position = 0
+        changes = FileChanges(path, LOG_POLL_INTERVAL)
         try:
             while True:
                 chunk = await asyncio.to_thread(_read_from, path, position)
@@ -688,8 +692,9 @@ class Manager:
                     if tail:
                         yield tail
                     return
-                await asyncio.sleep(LOG_POLL_INTERVAL)
+                await changes.wait(LOG_LIVENESS_INTERVAL)
         finally:
+            changes.close()
             if delete:
                 # The client is gone (or the VM ended): the task must outlive this generator.
                 task = asyncio.get_running_loop().create_task(self._delete_quietly(record.id))

@@ -15,6 +15,7 @@ import fcntl
 import functools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -162,10 +163,10 @@ class QemuProvider(Provider):
             "-qmp", f"unix:{self._qmp_path(instance_id)},server=on,wait=off",
             "-pidfile", str(self._pidfile(instance_id)),
             "-daemonize",
-            # The control channel to the guest init (volume mount/unmount while running).
-            "-device", "virtio-serial-pci,id=vser0",
+            # The control channel to the guest init (volume mount/unmount while running): the
+            # second serial port, ttyS1 in the guest (the console is the first).
             "-chardev", f"socket,id=ctl,path={_escape(self._ctl_path(instance_id))},server=on,wait=off",
-            "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=unik.ctl",
+            "-serial", "chardev:ctl",
         ]  # fmt: skip
         for volume in spec.volumes:
             argv += ["-blockdev", _blockdev(volume), "-device", _disk_device(volume)]
@@ -176,17 +177,15 @@ class QemuProvider(Provider):
             argv += ["-gdb", f"tcp:127.0.0.1:{port}", "-S"]
         return argv
 
-    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
-        if spec.memory_mb <= 0 or spec.memory_mb > self.config.max_memory_mb:
-            raise BadRequest(f"memory must be between 1 and {self.config.max_memory_mb} MB")
-        if self.alive(instance_id):
-            return
+    def _prepare(self, instance_id: str, spec: LaunchSpec) -> list[str]:
+        """The instance's files (kernel, boot initrd with the run config, no stale sockets) and
+        its host network; returns the qemu command line."""
         folder = self._dir(instance_id)
         folder.mkdir(parents=True, exist_ok=True)
         kernel = folder / "kernel"
         image_initrd = folder / "image.initrd"
-        await asyncio.to_thread(_link_or_copy, Path(spec.kernel), kernel)
-        await asyncio.to_thread(_link_or_copy, Path(spec.initrd), image_initrd)
+        _link_or_copy(Path(spec.kernel), kernel)
+        _link_or_copy(Path(spec.initrd), image_initrd)
         boot_initrd = folder / "boot.initrd"
         run_config = guest.run_config_cpio(
             env=spec.env,
@@ -196,12 +195,21 @@ class QemuProvider(Provider):
             mounts=[(v.serial, v.mount, _guest_fs_type(v.fs_type)) for v in spec.volumes],
             net=self.network.guest_config(spec.address),
         )
-        await asyncio.to_thread(_concat, image_initrd, run_config, boot_initrd)
+        _concat(image_initrd, run_config, boot_initrd)
         for stale in (self._pidfile(instance_id), self._qmp_path(instance_id), self._ctl_path(instance_id),
                       folder / "gdb.port"):  # fmt: skip
             stale.unlink(missing_ok=True)
         argv = self._command(instance_id, kernel, boot_initrd, spec)
-        await asyncio.to_thread(self.network.prepare, instance_id)
+        self.network.prepare(instance_id)
+        return argv
+
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
+        if spec.memory_mb <= 0 or spec.memory_mb > self.config.max_memory_mb:
+            raise BadRequest(f"memory must be between 1 and {self.config.max_memory_mb} MB")
+        if self.alive(instance_id):
+            return
+        # One worker-thread hop for all the file work: each hop is on the boot's critical path.
+        argv = await asyncio.to_thread(self._prepare, instance_id, spec)
         log.debug("launching %s", " ".join(argv))
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -323,7 +331,8 @@ class QemuProvider(Provider):
             await client.disconnect()
 
     async def _control(self, instance_id: str, command: str) -> None:
-        """One line to the guest init over the virtio-serial port; `ok` or `err <why>` back."""
+        """One request to the guest init over its control serial port: `TAG COMMAND` out,
+        `TAG ok` or `TAG err WHY` back (lines with another tag are leftovers: skipped)."""
         if not self.alive(instance_id):
             raise Conflict("the instance is not running")
         try:
@@ -332,10 +341,21 @@ class QemuProvider(Provider):
             )
         except (OSError, TimeoutError) as exc:
             raise UnikError(f"cannot reach the guest's control channel: {exc}") from exc
+        tag = secrets.token_hex(6)
+        answer = ""
         try:
-            writer.write(command.encode() + b"\n")
+            # The leading newline ends whatever fragment an interrupted earlier request left.
+            writer.write(f"\n{tag} {command}\n".encode())
             await writer.drain()
-            answer = (await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)).decode().strip()
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                while not answer:
+                    line = await reader.readline()
+                    if not line:
+                        break
+                    head, _, rest = line.decode(errors="replace").strip().partition(" ")
+                    # Only an answer counts: a tty echo of the request would carry the tag too.
+                    if head == tag and (rest == "ok" or rest.startswith("err")):
+                        answer = rest
         except TimeoutError:
             raise UnikError(f"the guest did not answer {command.split()[0]!r} in time") from None
         finally:
@@ -380,6 +400,7 @@ def boot_argv(
         "-accel", accel,
         "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *(["-bios", "qboot.rom"] if config.firmware == "qboot" else []),
         "-kernel", str(kernel),
         "-initrd", str(initrd),
         "-append", " ".join([*BOOT_ARGS, *_tsc_hint(accel), config.kernel_cmdline]).strip(),

@@ -6,12 +6,15 @@ import asyncio
 import shutil
 import struct
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from unik.compilers import AppBundle, CompilerRegistry, linux_c
+from unik.aio import use_pidfd_child_watcher
+from unik.compilers import AppBundle, CompilerRegistry, base, linux_c
 from unik.compilers.linux_c import LinuxCCompiler
 from unik.errors import BadRequest
 
@@ -333,3 +336,85 @@ def test_describe_compiler_says_when_the_toolchain_is_missing(api: TestClient, m
     assert response.text.startswith(LinuxCCompiler("qemu").description())
     assert "NOT AVAILABLE on this host" in response.text
     assert "musl-tools" in response.text
+
+
+# -- run_tool: how every compiler runs its toolchain -----------------------------------------
+
+
+@pytest.fixture(params=["pidfd", "threads"])
+def watching(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both ways asyncio can wait for a tool: a pidfd on the loop (what the daemon sets up,
+    unik.aio.use_pidfd_child_watcher) or a thread per process (Python 3.11's default)."""
+    before = asyncio.get_child_watcher()
+    if request.param == "pidfd":
+        use_pidfd_child_watcher()
+        if asyncio.get_child_watcher() is before:
+            pytest.skip("pidfd_open is not available here")
+    else:
+        asyncio.set_child_watcher(asyncio.ThreadedChildWatcher())
+    yield str(request.param)
+    asyncio.set_child_watcher(before)
+
+
+def test_run_tool_returns_all_output_and_reports_the_exit_status(tmp_path: Path, watching: str) -> None:
+    # More than a pipe buffer, on stdout and stderr: nothing may block or get lost.
+    chatty = "head -c 300000 /dev/zero | tr '\\0' o; head -c 300000 /dev/zero | tr '\\0' e >&2"
+    assert asyncio.run(base.run_tool(["sh", "-c", chatty], cwd=tmp_path, timeout=30)).count("o") == 300000
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(base.run_tool(["sh", "-c", "echo broken; exit 3"], cwd=tmp_path, timeout=30))
+    assert "exited with 3" in info.value.message
+    assert "broken" in info.value.message
+
+
+def test_run_tool_kills_the_whole_group_on_timeout(tmp_path: Path, watching: str) -> None:
+    pids = tmp_path / "pids"
+    script = f"sleep 30 & echo $! > {pids}; echo $$ >> {pids}; wait"
+    with pytest.raises(BadRequest, match="timed out"):
+        asyncio.run(base.run_tool(["sh", "-c", script], cwd=tmp_path, timeout=0.5))
+    # The shell is reaped by run_tool; its orphaned child is killed (whoever reaps it).
+    shell, child = reversed([int(pid) for pid in pids.read_text().split()])
+    assert not _alive(shell)
+    assert _gone(child)
+
+
+def test_a_cancelled_run_tool_kills_and_reaps_the_tool(tmp_path: Path, watching: str) -> None:
+    pid_file = tmp_path / "pid"
+
+    async def cancel_midway() -> int:
+        task = asyncio.ensure_future(
+            base.run_tool(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 30"], cwd=tmp_path, timeout=60)
+        )
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pid = int(pid_file.read_text())
+        for _ in range(200):  # the loop reaps it once it is gone
+            if not _alive(pid):
+                break
+            await asyncio.sleep(0.01)
+        return pid
+
+    assert not _alive(asyncio.run(cancel_midway()))
+
+
+def _gone(pid: int) -> bool:
+    """Killed (a zombie or reaped), within a moment: SIGKILL lands asynchronously."""
+    for _ in range(200):
+        if not _alive(pid) or _state(pid) == "Z":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "X"
+
+
+def _alive(pid: int) -> bool:
+    """Running, or dead but not reaped (a zombie): either way not cleaned up."""
+    return _state(pid) != "X"

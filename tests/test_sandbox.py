@@ -47,3 +47,27 @@ def test_a_build_that_pokes_at_the_daemon_fails_with_its_own_words(api: TestClie
     assert response.status_code == 400  # type: ignore[attr-defined]
     assert "No such file or directory" in response.json()["message"]  # type: ignore[attr-defined]
     assert api.get("/images").json() == []
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        "mkdir -p ../build/root/unik && ln -s {escape} ../build/root/unik/app",  # the program's place
+        "rm -rf ../build && ln -s {outside} ../build",  # the whole output folder
+    ],
+    ids=["file", "folder"],
+)
+def test_a_build_cannot_have_the_daemon_write_through_a_planted_link(
+    api: TestClient, data_dir: Path, plant: str
+) -> None:
+    """The build folder is writable inside the sandbox; the daemon writes there after, outside it."""
+    escape = data_dir.parent / f"{data_dir.name}-escape"
+    outside = data_dir.parent / f"{data_dir.name}-outside"
+    outside.mkdir()
+    recipe = makefile(plant.format(escape=escape, outside=outside))
+    response = build(api, "planted", {"main.c": MAIN_C, "Makefile": recipe})
+    assert response.status_code == 400, response.text  # type: ignore[attr-defined]
+    assert "the build" in response.json()["message"]  # type: ignore[attr-defined]
+    assert not escape.exists()
+    assert list(outside.iterdir()) == []
+    assert api.get("/images").json() == []

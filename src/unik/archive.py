@@ -14,6 +14,7 @@ import lzma
 import os
 import posixpath
 import shutil
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ def _check_link(member: tarfile.TarInfo, relpath: str) -> None:
 def safe_extract(archive: Path | io.BufferedIOBase, dest: Path, *, max_bytes: int) -> int:
     """Unpack a tar (optionally gzip/bz2/xz-compressed) into dest; returns the unpacked byte count."""
     dest.mkdir(parents=True, exist_ok=True)
+    # Resolved once: every member's landing place is checked against it.
+    root = dest.resolve()
     try:
         source = {"name": archive} if isinstance(archive, Path) else {"fileobj": archive}
         tar = tarfile.open(mode="r:*", **source)  # type: ignore[arg-type]  # noqa: SIM115 - closed by `with tar`
@@ -75,7 +78,7 @@ def safe_extract(archive: Path | io.BufferedIOBase, dest: Path, *, max_bytes: in
                 total += max(member.size, 0)
                 if total > max_bytes:
                     raise TooLarge(f"the archive unpacks to more than {max_bytes // (1 << 20)} MB")
-                _extract_member(tar, member, relpath, dest)
+                _extract_member(tar, member, relpath, dest, root)
             # Reading to the end makes gzip check its CRC and length: a corrupt or truncated
             # upload is refused instead of silently unpacked.
             _drain(tar.fileobj, max_bytes - total + TRAILER_SLACK)
@@ -103,36 +106,45 @@ def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, relpath: str, dest: Path) -> None:
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, relpath: str, dest: Path, root: Path) -> None:
+    """Write one checked member; `root` is dest resolved."""
     if relpath == ".":
         return
     target = dest / relpath
     # A parent that is a symlink (planted by an earlier member) must not redirect writes.
+    # (dest itself is `root`: a top-level member, the common case, needs no lookups.)
     parent = target.parent
-    if not parent.resolve().is_relative_to(dest.resolve()):
+    if parent != dest and not parent.resolve().is_relative_to(root):
         raise BadRequest(f"archive member {member.name!r} would be written outside the destination")
-    if target.is_symlink():
+    # One lstat answers both questions below (is it a link? is anything there?).
+    try:
+        existing: int | None = os.lstat(target).st_mode
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and stat.S_ISLNK(existing):
         # Replace, never follow: a planted link must not redirect a later mkdir or chmod.
         target.unlink()
+        existing = None
     if member.isdir():
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o755 | (member.mode & 0o700))
         return
-    parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        if target.is_dir() and not target.is_symlink():
+    if parent != dest:
+        parent.mkdir(parents=True, exist_ok=True)
+    if existing is not None:
+        if stat.S_ISDIR(existing):
             shutil.rmtree(target)
         else:
             target.unlink()
     if member.issym():
         # Judge the link by where it lands on disk, through links planted before it.
         landing = os.path.realpath(os.path.join(parent, member.linkname))
-        if not Path(landing).is_relative_to(dest.resolve()):
+        if not Path(landing).is_relative_to(root):
             raise BadRequest(f"symlink {member.name!r} points outside the archive ({member.linkname!r})")
         os.symlink(member.linkname, target)
     elif member.islnk():
         source = dest / posixpath.normpath(member.linkname)
-        if not source.resolve().is_relative_to(dest.resolve()) or not source.is_file():
+        if not source.resolve().is_relative_to(root) or not source.is_file():
             raise BadRequest(f"hard link {member.name!r} points outside the archive")
         shutil.copyfile(source, target)
         os.chmod(target, source.stat().st_mode & 0o777)
@@ -141,5 +153,5 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, relpath: str,
         assert extracted is not None
         with extracted, open(target, "wb") as out:
             shutil.copyfileobj(extracted, out, 1 << 20)
-        # Keep the executable bits, drop setuid/setgid/sticky.
-        os.chmod(target, (member.mode & 0o777) | 0o600)
+            # Keep the executable bits, drop setuid/setgid/sticky (on the open file: no lookup).
+            os.fchmod(out.fileno(), (member.mode & 0o777) | 0o600)

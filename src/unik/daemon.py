@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from unik.aio import use_pidfd_child_watcher
 from unik.api import create_app
 from unik.compilers import CompilerRegistry
 from unik.config import DaemonConfig, load_daemon_config
@@ -75,6 +76,7 @@ def serve(host: str, port: int, data_dir: Path, config_file: Path | None, debug:
     scheme = "https" if app.state.manager.config.tls_certfile else "http"
     log.info("unik daemon on %s://%s:%d, data in %s", scheme, host, port, data_dir)
     config = app.state.manager.config
+    use_pidfd_child_watcher()
     uvicorn.run(
         app,
         host=host,

@@ -24,7 +24,7 @@ from unik import guest, hub, volumes
 from unik.archive import safe_extract
 from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
 from unik.compilers import Compiler, CompilerRegistry
-from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
+from unik.compilers.base import AppBundle, Sandbox, build_sandbox, sandbox_available
 from unik.config import DaemonConfig
 from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError, disk_full
 from unik.filewatch import FileChanges
@@ -274,19 +274,17 @@ class Manager:
     ) -> Image:
         final = self.images_dir / image_id
         staging = work / "image"
-        build_key = await asyncio.to_thread(
-            self._build_cache_key, upload, compiler.name, default_args, mount_points, provider
+        # One worker-thread hop for the lookup and, on a miss, the unpacking: every hop is a
+        # thread wake-up on the build's critical path.
+        build_key, cached = await asyncio.to_thread(
+            self._restore_or_unpack, upload, work, staging, compiler.name, default_args, mount_points, provider
         )
-        cached = None
-        if build_key is not None:
-            cached = await asyncio.to_thread(self.build_cache.restore, build_key, staging, _image_digest)
         if cached is not None:
+            assert build_key is not None
             log.info("build cache hit for image %s (key %s): not unpacked, not compiled", name, build_key[:16])
             built = cached
         else:
-            built = await self._compile(upload, work, staging, compiler, provider, default_args)
-            if build_key is not None:
-                await asyncio.to_thread(self.build_cache.store, build_key, staging, built)
+            built = await self._compile(work, staging, compiler, provider, default_args, build_key)
         digest, size, memory_mb, kernel_version = built.digest, built.size, built.memory_mb, built.kernel_version
         image = Image(
             Id=image_id,
@@ -319,29 +317,53 @@ class Manager:
         log.info("built image %s (%s) in %s", name, image_id, final)
         return image
 
-    async def _compile(
+    def _restore_or_unpack(
         self,
         upload: BinaryIO,
+        work: Path,
+        staging: Path,
+        compiler: str,
+        args: list[str],
+        mounts: list[str],
+        provider: Provider,
+    ) -> tuple[str | None, CachedBuild | None]:
+        """In a worker thread: (cache key, the cached build restored into `staging`), or on a
+        miss (key, None) with the upload unpacked into work/src for a compile."""
+        build_key = self._build_cache_key(upload, compiler, args, mounts, provider)
+        if build_key is not None:
+            cached = self.build_cache.restore(build_key, staging, _image_digest)
+            if cached is not None:
+                return build_key, cached
+        safe_extract(upload, work / "src", max_bytes=self.config.max_unpacked_mb << 20)
+        return build_key, None
+
+    async def _compile(
+        self,
         work: Path,
         staging: Path,
         compiler: Compiler,
         provider: Provider,
         default_args: list[str],
+        build_key: str | None,
     ) -> CachedBuild:
-        """Unpack, compile in the sandbox, and assemble kernel + initrd into `staging`."""
-        source = work / "src"
-        await asyncio.to_thread(safe_extract, upload, source, max_bytes=self.config.max_unpacked_mb << 20)
+        """Compile the unpacked sources in the sandbox, then assemble kernel + initrd into
+        `staging` and cache them under `build_key` (None: not cacheable)."""
         with self._sandbox(work):
-            bundle = await compiler.compile(source, work / "build", timeout=self.config.build_timeout)
+            bundle = await compiler.compile(work / "src", work / "build", timeout=self.config.build_timeout)
+        # All of the assembly in one worker-thread hop (see _restore_or_unpack).
+        return await asyncio.to_thread(self._assemble, bundle, staging, provider, default_args, build_key)
+
+    def _assemble(
+        self, bundle: AppBundle, staging: Path, provider: Provider, default_args: list[str], build_key: str | None
+    ) -> CachedBuild:
         kernel = provider.kernel()
-        init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.cache_dir)
+        init_binary = guest.ensure_init_binary(self.cache_dir)
         try:
             modules = kernel.module_closure(BASE_MODULES + bundle.modules)
         except ValueError as exc:
             raise UnikError(f"kernel {kernel.version}: {exc}") from exc
         staging.mkdir()
-        await asyncio.to_thread(
-            guest.assemble_initrd,
+        guest.assemble_initrd(
             staging / "initrd",
             init_binary=init_binary,
             app_root=bundle.root,
@@ -350,9 +372,12 @@ class Manager:
             env=bundle.env,
             modules=modules,
         )
-        await asyncio.to_thread(_hardlink_or_copy, kernel.vmlinux, staging / "kernel")
-        digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
-        return CachedBuild(digest=digest, size=size, memory_mb=bundle.memory_mb, kernel_version=kernel.version)
+        _hardlink_or_copy(kernel.vmlinux, staging / "kernel")
+        digest, size = _image_digest(staging / "kernel", staging / "initrd")
+        built = CachedBuild(digest=digest, size=size, memory_mb=bundle.memory_mb, kernel_version=kernel.version)
+        if build_key is not None:
+            self.build_cache.store(build_key, staging, built)
+        return built
 
     def _build_cache_key(
         self, upload: BinaryIO, compiler: str, args: list[str], mounts: list[str], provider: Provider

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import struct
@@ -44,8 +45,23 @@ class LinuxCCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
+        root = work / "root"
+        app = root / GUEST_APP
         if (project / "Makefile").exists() or (project / "makefile").exists():
             binary = await make_app(project, ["CC=musl-gcc", "LDFLAGS=-static"], timeout)
+            require_static_elf(binary)
+            # The Makefile could write anywhere in the build folder: a link planted where the
+            # image tree goes would have the daemon write the program to a host path. So the
+            # tree is made afresh, never through a link, once nothing of the build runs.
+            if not stat.S_ISDIR(os.lstat(work).st_mode):
+                raise BadRequest("the build replaced its own build folder")
+            try:
+                root.mkdir()
+            except FileExistsError:
+                made = f"{work.name}/{root.name}"
+                raise BadRequest(f"the build must not write outside its sources (it made {made})") from None
+            app.parent.mkdir()
+            shutil.copyfile(binary, app)
         else:
             sources = sorted(
                 str(p.relative_to(project))
@@ -54,17 +70,16 @@ class LinuxCCompiler(Compiler):
             )
             if not sources:
                 raise BadRequest("no C sources found: the archive has no *.c file and no Makefile")
-            binary = work / "app"
+            # Linked straight into the image tree: a file created (and later removed) the less,
+            # on the critical path of every build.
+            app.parent.mkdir(parents=True, exist_ok=True)
             await run_tool(
-                ["musl-gcc", "-static", "-O2", "-I.", "-o", str(binary), *sources, "-lm"],
+                ["musl-gcc", "-static", "-O2", "-I.", "-o", str(app), *sources, "-lm"],
                 cwd=project,
                 timeout=timeout,
             )
-        require_static_elf(binary)
-        root = work / "root"
-        (root / "unik").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(binary, root / GUEST_APP)
-        (root / GUEST_APP).chmod(0o755)
+            require_static_elf(app)
+        app.chmod(0o755)
         return AppBundle(root=root, entrypoint=["/" + GUEST_APP])
 
 

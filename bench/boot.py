@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from common import daemon, publish, tarball
+from common import api, daemon, publish, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
@@ -45,7 +44,9 @@ FLOOR_INIT = r"""
 int main(void) {
     static const char line[] = "floor: init running\n";
     write(1, line, sizeof line - 1);
+#ifndef STAY_UP
     reboot(RB_POWER_OFF);
+#endif
     for (;;) pause();
 }
 """
@@ -56,12 +57,12 @@ def app_tarball() -> bytes:
 
 
 def build_ours(base: str, tarball: bytes, name: str) -> float:
+    http = api(base)
     started = time.perf_counter()
-    response = httpx.post(
-        f"{base}/images/{name}/create",
+    response = http.post(
+        f"/images/{name}/create",
         params={"base": "linux", "lang": "c", "provider": "qemu", "force": "true"},
         files={"tarfile": ("app.tar.gz", tarball)},
-        timeout=DEADLINE,
     )
     elapsed = time.perf_counter() - started
     response.raise_for_status()
@@ -79,32 +80,35 @@ def build_floor(work: Path) -> float:
 
 def boot_ours(base: str, image: str, name: str) -> float:
     """POST /instances/run → the app's first line read through `logs?follow=true`."""
+    http = api(base)
     started = time.perf_counter()
-    with httpx.Client(base_url=base, timeout=DEADLINE) as http:
-        http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).raise_for_status()
-        seen = b""
-        with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
-            for chunk in stream.iter_bytes():
-                seen += chunk
-                if FIRST_APP_LINE in seen:
-                    break
-        elapsed = time.perf_counter() - started
-        http.delete(f"/instances/{name}", params={"force": "true"}).raise_for_status()
+    http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).raise_for_status()
+    seen = b""
+    with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
+        for chunk in stream.iter_bytes():
+            seen += chunk
+            if FIRST_APP_LINE in seen:
+                break
+    elapsed = time.perf_counter() - started
+    http.delete(f"/instances/{name}", params={"force": "true"}).raise_for_status()
     if FIRST_APP_LINE not in seen:
         raise RuntimeError(f"instance {name} never printed its first line:\n{seen.decode(errors='replace')}")
     return elapsed
 
 
-def floor_initrd(work: Path) -> Path:
+def floor_initrd(work: Path, *, stay_up: bool = False) -> Path:
+    """The floor's initramfs: the trivial init prints its line, then powers off (or idles)."""
+    name = "floor-idle" if stay_up else "floor"
     source = work / "floor.c"
     source.write_text(FLOOR_INIT)
-    subprocess.run(["musl-gcc", "-static", "-Os", "-o", str(work / "floor-init"), str(source)], check=True)
-    initrd = work / "floor.initrd"
+    flags = ["-DSTAY_UP"] if stay_up else []
+    subprocess.run(["musl-gcc", "-static", "-Os", *flags, "-o", str(work / f"{name}-init"), str(source)], check=True)
+    initrd = work / f"{name}.initrd"
     with open(initrd, "wb") as out:
         cpio = guest.CpioWriter(out)
         cpio.add_dir("/dev")
         cpio.add_char_device("/dev/console", 5, 1)
-        cpio.add_file("/init", work / "floor-init", 0o755)
+        cpio.add_file("/init", work / f"{name}-init", 0o755)
         cpio.close()
     return initrd
 

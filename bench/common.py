@@ -7,6 +7,7 @@ measures what a user gets: uvicorn, the access middleware, the SQLite store, the
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import socket
 import subprocess
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RESULTS = ROOT / "bench" / "results"
 START_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 120.0
 
 
 def free_port() -> int:
@@ -75,6 +77,13 @@ def start_daemon(data_dir: Path, config: str = "") -> Daemon:
         time.sleep(0.1)
     running.stop()
     raise RuntimeError(f"daemon did not start: {(data_dir / 'daemon.log').read_text()[-2000:]}")
+
+
+@functools.cache
+def api(base: str) -> httpx.Client:
+    """One client per daemon for the whole run; call it before a timer starts. Making an httpx
+    client loads the CA bundle (~30 ms here): that is the benchmark's cost, not the daemon's."""
+    return httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT)
 
 
 @contextlib.contextmanager

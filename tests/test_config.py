@@ -134,6 +134,7 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "dns": "10.1.2.53",
         "kernel": "cloud",
         "firmware": "seabios",
+        "tcg_cache_mb": 0,
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 

@@ -397,7 +397,7 @@ def boot_argv(
     return [
         config.qemu_binary,
         "-machine", config.machine,
-        "-accel", accel,
+        "-accel", _accel_option(config, accel),
         "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *(["-bios", "qboot.rom"] if config.firmware == "qboot" else []),
@@ -408,6 +408,12 @@ def boot_argv(
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]  # fmt: skip
+
+
+def _accel_option(config: QemuProviderConfig, accel: str) -> str:
+    if accel == "tcg" and config.tcg_cache_mb:
+        return f"tcg,tb-size={config.tcg_cache_mb}"
+    return accel
 
 
 @functools.cache

@@ -78,22 +78,32 @@ def build_floor(work: Path) -> float:
     return time.perf_counter() - started
 
 
+def boot_to_line(base: str, image: str, name: str, marker: bytes, memory_mb: int = 0) -> float:
+    """POST /instances/run → `marker` seen through `logs?follow=true`; the instance is deleted after."""
+    http = api(base)
+    body: dict[str, object] = {"InstanceName": name, "ImageName": image}
+    if memory_mb:
+        body["MemoryMb"] = memory_mb
+    started = time.perf_counter()
+    http.post("/instances/run", json=body).raise_for_status()
+    seen = b""
+    try:
+        with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
+            for chunk in stream.iter_bytes():
+                seen += chunk
+                if marker in seen:
+                    break
+        elapsed = time.perf_counter() - started
+    finally:
+        http.delete(f"/instances/{name}", params={"force": "true"})
+    if marker not in seen:
+        raise RuntimeError(f"{name} never printed {marker!r}:\n{seen.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
 def boot_ours(base: str, image: str, name: str) -> float:
     """POST /instances/run → the app's first line read through `logs?follow=true`."""
-    http = api(base)
-    started = time.perf_counter()
-    http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).raise_for_status()
-    seen = b""
-    with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
-        for chunk in stream.iter_bytes():
-            seen += chunk
-            if FIRST_APP_LINE in seen:
-                break
-    elapsed = time.perf_counter() - started
-    http.delete(f"/instances/{name}", params={"force": "true"}).raise_for_status()
-    if FIRST_APP_LINE not in seen:
-        raise RuntimeError(f"instance {name} never printed its first line:\n{seen.decode(errors='replace')}")
-    return elapsed
+    return boot_to_line(base, image, name, FIRST_APP_LINE)
 
 
 def floor_initrd(work: Path, *, stay_up: bool = False) -> Path:

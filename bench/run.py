@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from boot import FLOOR_LINE, boot_floor, floor_initrd
+from boot import FLOOR_LINE, boot_floor, boot_to_line, floor_initrd
 from common import EXAMPLES, RESULTS, Daemon, api, start_daemon, tarball
 
 from unik.config import QemuProviderConfig
@@ -98,29 +98,6 @@ def build(base: str, lang: str, name: str, archive: bytes) -> tuple[float, dict[
     if response.status_code != 201:
         raise RuntimeError(f"building {lang} failed ({response.status_code}): {response.text[-2000:]}")
     return elapsed, response.json()
-
-
-def boot_to_line(base: str, image: str, name: str, marker: bytes, memory_mb: int = 0) -> float:
-    """POST /instances/run → `marker` seen through `logs?follow=true`; the instance is deleted after."""
-    http = api(base)
-    body: dict[str, Any] = {"InstanceName": name, "ImageName": image}
-    if memory_mb:
-        body["MemoryMb"] = memory_mb
-    started = time.perf_counter()
-    http.post("/instances/run", json=body).raise_for_status()
-    seen = b""
-    try:
-        with http.stream("GET", f"/instances/{name}/logs", params={"follow": "true"}) as stream:
-            for chunk in stream.iter_bytes():
-                seen += chunk
-                if marker in seen:
-                    break
-        elapsed = time.perf_counter() - started
-    finally:
-        http.delete(f"/instances/{name}", params={"force": "true"})
-    if marker not in seen:
-        raise RuntimeError(f"{name} never printed {marker!r}:\n{seen.decode(errors='replace')[-2000:]}")
-    return elapsed
 
 
 def compiler_alone(lang: str, app: Path, out: Path) -> Callable[[], float] | None:

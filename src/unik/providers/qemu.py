@@ -397,7 +397,7 @@ def boot_argv(
     return [
         config.qemu_binary,
         "-machine", config.machine,
-        "-accel", _accel_option(config, accel),
+        "-accel", _accel_option(config, accel, memory_mb),
         "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *(["-bios", "qboot.rom"] if config.firmware == "qboot" else []),
@@ -410,10 +410,11 @@ def boot_argv(
     ]  # fmt: skip
 
 
-def _accel_option(config: QemuProviderConfig, accel: str) -> str:
-    if accel == "tcg" and config.tcg_cache_mb:
-        return f"tcg,tb-size={config.tcg_cache_mb}"
-    return accel
+def _accel_option(config: QemuProviderConfig, accel: str, memory_mb: int) -> str:
+    if accel != "tcg":
+        return accel
+    cache_mb = max(16, memory_mb // 8) if config.tcg_cache_mb is None else config.tcg_cache_mb
+    return f"tcg,tb-size={cache_mb}" if cache_mb else accel
 
 
 @functools.cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
+import stat
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from unik.compilers.linux_nodejs import LinuxNodejsCompiler
 from unik.compilers.linux_nodejs import find_main as node_main
 from unik.compilers.linux_python import LinuxPythonCompiler, find_main, has_requirements
 from unik.compilers.linux_rust import VENDOR_CONFIG, LinuxRustCompiler, pick_binary, use_vendor
+from unik.compilers.toolchain import copy_tree, image_root, install_file
 from unik.config import DaemonConfig
 from unik.errors import BadRequest
 
@@ -176,6 +179,100 @@ def test_a_failed_build_is_a_400_with_the_toolchains_own_error(api: TestClient) 
     )
     assert response.status_code == 400
     assert "syntax error" in response.json()["message"]
+
+
+# -- the image tree (the daemon writes it after the sandboxed build, never through a link) ------
+
+
+def test_the_image_root_is_made_afresh_in_a_build_folder_that_is_still_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "build").mkdir()
+    root = image_root(tmp_path / "build", tmp_path / "src")
+    assert root == tmp_path / "build" / "root" and list(root.iterdir()) == []
+    with pytest.raises(BadRequest, match=r"it made build/root"):
+        image_root(tmp_path / "build", tmp_path / "src")
+    (tmp_path / "src").rename(tmp_path / "elsewhere")
+    (tmp_path / "src").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BadRequest, match=r"replaced its folder src: src is a link"):
+        image_root(tmp_path / "build", tmp_path / "src")
+
+
+def test_files_go_into_the_image_but_never_through_a_link(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    program = tmp_path / "program"
+    program.write_text("#!/bin/sh\n")
+    assert install_file(root, "/usr/bin/tool", program, mode=0o755, follow_links=False).read_text() == "#!/bin/sh\n"
+    assert stat.S_IMODE((root / "usr/bin/tool").stat().st_mode) == 0o755
+    (root / "lib").symlink_to(outside)
+    (root / "usr" / "bin" / "planted").symlink_to(outside / "planted")
+    for guest in ("/lib/libc.so.6", "/lib/sub/libc.so.6", "/usr/bin/planted", "/usr/bin/tool"):
+        with pytest.raises(BadRequest):
+            install_file(root, guest, program, mode=0o755, follow_links=False)
+    with pytest.raises(BadRequest, match=r"\.\."):
+        install_file(root, "/usr/../../escape", program, mode=0o755, follow_links=False)
+    # The build's own output as a link to a host file is refused, not followed.
+    (tmp_path / "app").symlink_to("/etc/passwd")
+    with pytest.raises(BadRequest, match="made it a link"):
+        install_file(root, "/unik/app", tmp_path / "app", mode=0o755, follow_links=False)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "escape").exists()
+
+
+def test_a_tree_is_copied_with_its_links_kept_and_nothing_but_files_folders_and_links(tmp_path: Path) -> None:
+    src, root = tmp_path / "src", tmp_path / "root"
+    (src / "static" / "v1").mkdir(parents=True)
+    (src / "static" / "v1" / "a.txt").write_text("a\n")
+    (src / "static" / "current").symlink_to("v1")
+    (src / "etc").symlink_to("/etc")
+    (src / "skipped").mkdir()
+    root.mkdir()
+    copy_tree(src, root, "/unik/app", skip={"skipped"})
+    app = root / "unik" / "app"
+    assert sorted(p.name for p in app.iterdir()) == ["etc", "static"]
+    assert os.readlink(app / "static" / "current") == "v1" and os.readlink(app / "etc") == "/etc"
+    assert (app / "static" / "v1" / "a.txt").read_text() == "a\n"
+    # A FIFO would hang the daemon reading it (and a device is not the user's to give).
+    os.mkfifo(src / "pipe")
+    (tmp_path / "root2").mkdir()
+    with pytest.raises(BadRequest, match="only files, folders and links"):
+        copy_tree(src, tmp_path / "root2", "/")
+
+
+def test_a_followed_link_brings_only_its_own_tree_or_what_anyone_may_read(tmp_path: Path) -> None:
+    src = tmp_path / "runtime"
+    (src / "legal" / "java.base").mkdir(parents=True)
+    (src / "legal" / "java.base" / "LICENSE").write_text("gpl\n")
+    (src / "legal" / "jdk.httpserver").mkdir()
+    (src / "legal" / "jdk.httpserver" / "LICENSE").symlink_to("../java.base/LICENSE")
+    (src / "cacerts").symlink_to("/etc/passwd")  # any user of the host may read it
+    root = tmp_path / "root"
+    root.mkdir()
+    copy_tree(src, root, "/opt/java", follow_links=True)
+    licence = root / "opt/java/legal/jdk.httpserver/LICENSE"
+    assert not licence.is_symlink() and licence.read_text() == "gpl\n"
+    assert not (root / "opt/java/cacerts").is_symlink()
+    secret = tmp_path / "secret"
+    secret.write_text("key\n")
+    secret.chmod(0o600)
+    # Not a file only its owner may read, not a host folder (whatever it holds), not a loop.
+    for name, target, reason in (
+        ("key", secret, "not for the image"),
+        ("etc", Path("/etc"), "not for the image"),
+        ("loop", src, "a folder that contains it"),
+    ):
+        (src / name).symlink_to(target)
+        again = tmp_path / f"root-{name}"
+        again.mkdir()
+        with pytest.raises(BadRequest, match=reason):
+            copy_tree(src, again, "/opt/java", follow_links=True)
+        (src / name).unlink()
+
+
+def test_a_library_path_with_dots_stays_inside_the_image() -> None:
+    resolver = elf.Resolver(Path("/nonexistent"), conf_dirs=[])
+    assert resolver._expand("../../../../etc/cron.d/x", "/unik/app") == "/etc/cron.d/x"
+    assert resolver._expand("$ORIGIN/../../../../lib", "/unik/app") == "/lib"
 
 
 # -- go ----------------------------------------------------------------------------------------

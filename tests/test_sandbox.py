@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import tar_gz
-from unik.compilers.base import sandbox_available
+from unik.compilers import linux_go
+from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
+from unik.compilers.linux_python import LinuxPythonCompiler
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot create namespaces here")
 
@@ -71,3 +77,156 @@ def test_a_build_cannot_have_the_daemon_write_through_a_planted_link(
     assert not escape.exists()
     assert list(outside.iterdir()) == []
     assert api.get("/images").json() == []
+
+
+# -- links a build plants for the daemon to write through ---------------------------------------
+#
+# The build's folder is writable inside the sandbox; the daemon assembles the image tree there
+# afterwards, as root and outside it. The links below point at `outside` (and `escape`, a file
+# that must never appear): inside the sandbox /tmp is a fresh tmpfs, so only the daemon would
+# ever find what they point to.
+
+
+def build_lang(api: TestClient, lang: str, files: dict[str, str]) -> object:
+    return api.post(
+        f"/images/planted-{lang}/create?base=linux&lang={lang}&provider=qemu",
+        files={"tarfile": ("app.tar.gz", tar_gz(files), "application/gzip")},
+    )
+
+
+def assert_refused_and_nothing_outside(api: TestClient, response: object, outside: Path, escape: Path) -> None:
+    assert response.status_code == 400, response.text  # type: ignore[attr-defined]
+    assert not escape.exists() and not escape.is_symlink()
+    assert list(outside.iterdir()) == []
+    assert api.get("/images").json() == []
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go not installed")
+@pytest.mark.parametrize(
+    "plant",
+    [
+        # The program's place in the image tree, made before the daemon makes the tree.
+        "mkdir -p ../build/root/unik && ln -s {escape} ../build/root/unik/app",
+        # The image tree itself.
+        "ln -s {outside} ../build/root",
+        # The whole output folder, with the program the daemon would read in it.
+        "mv ../build ../build.old && ln -s {outside} ../build",
+    ],
+    ids=["program", "tree", "folder"],
+)
+def test_a_go_build_cannot_have_the_daemon_write_through_a_planted_link(
+    api: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
+    """`go build` runs none of the user's code, but a build step that does (a poisoned toolchain
+    cache, cgo one day) must not matter: the plant runs right after it, in the same sandbox."""
+    outside, escape = tmp_path / "outside", tmp_path / "escape"
+    outside.mkdir()
+    real_run_tool = linux_go.run_tool
+
+    async def go_then_plant(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+        out = await real_run_tool(argv, cwd=cwd, timeout=timeout, env=env)
+        await real_run_tool(["sh", "-c", plant.format(outside=outside, escape=escape)], cwd=cwd, timeout=timeout)
+        return out
+
+    monkeypatch.setattr(linux_go, "run_tool", go_then_plant)
+    response = build_lang(api, "go", {"main.go": "package main\n\nfunc main() {}\n"})
+    assert_refused_and_nothing_outside(api, response, outside, escape)
+    assert "the build" in response.json()["message"]  # type: ignore[attr-defined]
+
+
+# A package whose build backend (run by pip, in the sandbox: the user's own code) plants links
+# in the build's folder (unless PLANT is "nothing"), then builds a wheel as if nothing happened.
+HOSTILE_BACKEND = """\
+import base64, hashlib, os, pathlib, zipfile
+
+BUILD = pathlib.Path(__file__).resolve().parents[2] / "build"
+PLANT, TARGET = {plant!r}, {target!r}
+
+
+def plant():
+    if PLANT == "nothing":
+        return
+    if PLANT == "tree":
+        # The image tree's folder, or what will become it.
+        BUILD.mkdir(exist_ok=True)
+        os.symlink(TARGET, BUILD / "root")
+    else:
+        # Where the daemon puts the program's loader, in every folder pip's output goes to
+        # (the image tree, or whatever the daemon makes it from).
+        for folder in BUILD.iterdir():
+            if folder.is_dir() and not folder.is_symlink() and not (folder / "lib64").is_symlink():
+                os.symlink(TARGET, folder / "lib64")
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    if not (BUILD / "root").is_symlink():
+        plant()
+    name = "planter-1.0-py3-none-any.whl"
+    files = {{"planter/__init__.py": b"", "planter-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\\nName: planter\\n"
+             b"Version: 1.0\\n", "planter-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\n"
+             b"Tag: py3-none-any\\n"}}
+    record = "".join(
+        f"{{path}},sha256={{base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()}},{{len(data)}}\\n"
+        for path, data in files.items()
+    ) + "planter-1.0.dist-info/RECORD,,\\n"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+        wheel.writestr("planter-1.0.dist-info/RECORD", record)
+    return name
+"""
+
+PLANTER_PYPROJECT = '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+
+
+def python_project(backend: str) -> dict[str, str]:
+    return {
+        "main.py": "import planter\nprint('hi')\n",
+        "requirements.txt": "./planter\n",
+        "planter/pyproject.toml": PLANTER_PYPROJECT,
+        "planter/backend.py": backend,
+    }
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3")
+@pytest.mark.parametrize("plant", ["tree", "component"])
+def test_a_python_package_build_cannot_have_the_daemon_write_through_a_planted_link(
+    api: TestClient, tmp_path: Path, plant: str
+) -> None:
+    outside, escape = tmp_path / "outside", tmp_path / "escape"
+    outside.mkdir()
+    backend = HOSTILE_BACKEND.format(plant=plant, target=str(outside))
+    response = build_lang(api, "python", python_project(backend))
+    assert_refused_and_nothing_outside(api, response, outside, escape)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3")
+def test_a_sandboxed_python_build_still_packs_its_packages_and_keeps_the_users_links(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The steps that run the user's code (pip) now write to a staging tree, in the sandbox."""
+    work = tmp_path / "build-1"
+    files = {**python_project(HOSTILE_BACKEND.format(plant="nothing", target="")), "static/v1/a.txt": "a\n"}
+    for name, text in files.items():
+        (work / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / "src" / name).write_text(text)
+    # The user's own links (the upload may hold links inside itself): kept as links in the image.
+    (work / "src" / "static" / "current").symlink_to("v1")
+    (work / "src" / "latest.txt").symlink_to("static/v1/a.txt")
+    token = build_sandbox.set(Sandbox(data_dir, (work,)))
+    try:
+        bundle = asyncio.run(LinuxPythonCompiler("qemu").compile(work / "src", work / "build", timeout=300))
+    finally:
+        build_sandbox.reset(token)
+    app = bundle.root / "unik" / "app"
+    assert os.readlink(app / "latest.txt") == "static/v1/a.txt"
+    assert os.readlink(app / "static" / "current") == "v1"
+    assert (bundle.root / "unik/site-packages/planter/__init__.py").is_file()
+    done = subprocess.run(
+        [str(bundle.root / bundle.entrypoint[0].lstrip("/")), "-c", "import planter; print('ok')"],
+        env={"PYTHONHOME": str(bundle.root / "usr"), "PYTHONPATH": str(bundle.root / "unik/site-packages")},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -142,3 +142,14 @@ def test_attach_to_a_stopped_instance_mounts_at_next_start(client: UnikClient, p
     client.instances.start("p4")
     wait_for("the volume at the next boot", lambda: "hot=attached while stopped" in client.instances.logs("p4"))
     client.instances.delete("p4", force=True)
+
+
+def test_attach_right_after_run_while_the_guest_boots(client: UnikClient, probe: str, tmp_path: Path) -> None:
+    # The mount request reaches the guest before its init has opened the control port; the
+    # daemon repeats it until answered (the guest runs it once).
+    client.volumes.create("boot", data=folder(tmp_path, "boot", {"data.txt": "x\n"}))
+    client.volumes.create("early", data=folder(tmp_path, "early", {"in.txt": "there from the start\n"}))
+    client.instances.run("p6", probe, mounts={"/data": "boot"})
+    client.volumes.attach("early", "p6", "/hot")
+    wait_for("the early volume", lambda: "hot=there from the start" in client.instances.logs("p6"))
+    client.instances.delete("p6", force=True)

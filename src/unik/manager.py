@@ -362,7 +362,11 @@ class Manager:
             modules = kernel.module_closure(BASE_MODULES + bundle.modules)
         except ValueError as exc:
             raise UnikError(f"kernel {kernel.version}: {exc}") from exc
-        staging.mkdir()
+        try:
+            # The build could write in `work`: whatever it left where the image goes fails this.
+            staging.mkdir()
+        except FileExistsError:
+            raise BadRequest(f"the build must not write outside its sources (it made {staging.name})") from None
         guest.assemble_initrd(
             staging / "initrd",
             init_binary=init_binary,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
+import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -168,7 +168,9 @@ class Resolver:
             entry = entry.replace(token, f"lib/{MULTIARCH}")
         for token in ("${PLATFORM}", "$PLATFORM"):
             entry = entry.replace(token, "x86_64")
-        return os.path.normpath(entry)
+        # Anchored at / (the guest's working directory, where a relative name starts): a
+        # `../../etc/x` in a user's ELF must not name a place above the image's root.
+        return posixpath.normpath("/" + entry.lstrip("/"))
 
     def _find(self, name: str, needer: str, info: ElfInfo) -> tuple[str, str] | None:
         """(guest path, how it was found: 'path', 'conf' or 'default')."""
@@ -222,7 +224,10 @@ class Resolver:
             host_file, in_image = located
             if not in_image:
                 deps.files[guest] = host_file
-            info = read_elf(host_file)
+            try:
+                info = read_elf(host_file)
+            except ValueError as exc:
+                raise BadRequest(f"{guest}: {exc}") from None
             if info.soname:
                 loaded_names.add(info.soname)
             if info.interpreter and info.interpreter not in done:
@@ -257,11 +262,11 @@ class Resolver:
 
 def install(root: Path, deps: Dependencies) -> None:
     """Copy the resolved host files into the image (symlinks followed: the guest gets files)."""
+    from unik.compilers.toolchain import install_file  # toolchain imports this module
+
     for guest, host in sorted(deps.files.items()):
-        target = root / guest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(host, target)
-        target.chmod(0o755)
+        # Never through a link in the image: the user's app may hold some of its own.
+        install_file(root, guest, host, mode=0o755, follow_links=True)
 
 
 def bundle_shared_libraries(root: Path, objects: Iterable[str]) -> dict[str, str]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import struct
 from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
+from unik.compilers.toolchain import image_root, install_file
 from unik.errors import BadRequest
 
 GUEST_APP = "unik/app"
@@ -50,18 +50,10 @@ class LinuxCCompiler(Compiler):
         if (project / "Makefile").exists() or (project / "makefile").exists():
             binary = await make_app(project, ["CC=musl-gcc", "LDFLAGS=-static"], timeout)
             require_static_elf(binary)
-            # The Makefile could write anywhere in the build folder: a link planted where the
-            # image tree goes would have the daemon write the program to a host path. So the
-            # tree is made afresh, never through a link, once nothing of the build runs.
-            if not stat.S_ISDIR(os.lstat(work).st_mode):
-                raise BadRequest("the build replaced its own build folder")
-            try:
-                root.mkdir()
-            except FileExistsError:
-                made = f"{work.name}/{root.name}"
-                raise BadRequest(f"the build must not write outside its sources (it made {made})") from None
-            app.parent.mkdir()
-            shutil.copyfile(binary, app)
+            # The Makefile could write anywhere in the build folder: the image tree is made
+            # afresh once nothing of the build runs, and written without following links.
+            root = image_root(work, project)
+            install_file(root, "/" + GUEST_APP, binary, mode=0o755, follow_links=False)
         else:
             sources = sorted(
                 str(p.relative_to(project))

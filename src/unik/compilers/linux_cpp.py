@@ -6,7 +6,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import make_app, project_root
-from unik.compilers.toolchain import install_program, which
+from unik.compilers.toolchain import image_root, install_program, which
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
@@ -55,7 +55,7 @@ class LinuxCppCompiler(Compiler):
             await run_tool(
                 ["g++", "-static", *CXXFLAGS, "-I.", "-o", str(binary), *sources], cwd=project, timeout=timeout
             )
-        root = work / "root"
+        root = image_root(work, project)
         env = install_program(binary, root, GUEST_APP)
         return AppBundle(root=root, entrypoint=[GUEST_APP], env=env)
 

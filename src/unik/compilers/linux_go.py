@@ -6,7 +6,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root, require_static_elf
-from unik.compilers.toolchain import install_program, which
+from unik.compilers.toolchain import image_root, install_program, which
 
 GUEST_APP = "/unik/app"
 
@@ -73,7 +73,8 @@ class LinuxGoCompiler(Compiler):
             timeout=timeout,
             env=self.build_env(project),
         )
+        # Checked before the program is read: the build could have swapped its folder for a link.
+        root = image_root(work, project)
         require_static_elf(binary)
-        root = work / "root"
         install_program(binary, root, GUEST_APP)
         return AppBundle(root=root, entrypoint=[GUEST_APP])

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 from unik.compilers import elf
@@ -14,7 +15,10 @@ from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
     boot_memory_mb,
+    copy_tree,
+    image_root,
     inside,
+    install_file,
     manifest_list,
     manifest_str,
     read_manifest,
@@ -78,6 +82,9 @@ class LinuxJavaCompiler(Compiler):
             raise BadRequest(self.missing_toolchain() or "no JDK")
         manifest = read_manifest(project, {"main_file", "main_class", "runtime_args", "modules"})
         jar = find_jar(project, manifest_str(manifest, "main_file"))
+        # An uploaded jar may be the user's link to it (inside the upload: nothing has run yet);
+        # the one javac and jar made is the build's output, a link there is the build's doing.
+        uploaded = jar is not None
         if jar is None:
             jar = await self._jar_from_sources(home, project, work, manifest_str(manifest, "main_class"), timeout)
         bin_dir = home / "bin"
@@ -88,12 +95,12 @@ class LinuxJavaCompiler(Compiler):
             timeout=timeout,
         )  # fmt: skip
         modules = sorted({"java.base", *parse_modules(out), *manifest_list(manifest, "modules")})
-        root = work / "root"
-        runtime = root / RUNTIME_DIR.lstrip("/")
-        await self._runtime(home, modules, runtime, timeout)
-        (root / GUEST_JAR.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(jar, root / GUEST_JAR.lstrip("/"))
-        env = elf.bundle_shared_libraries(root, elf.elf_files(root, runtime))
+        cached = await self._runtime(home, modules, timeout)
+        root = image_root(work, project)
+        # The guest gets real files: Debian's JDK links some (cacerts, tzdb) to /etc and /usr/share.
+        copy_tree(cached, root, RUNTIME_DIR, follow_links=True)
+        install_file(root, GUEST_JAR, jar, mode=0o644, follow_links=uploaded)
+        env = elf.bundle_shared_libraries(root, elf.elf_files(root, root / RUNTIME_DIR.lstrip("/")))
         return AppBundle(
             root=root,
             entrypoint=[
@@ -107,15 +114,14 @@ class LinuxJavaCompiler(Compiler):
             memory_mb=boot_memory_mb(root, 128),
         )
 
-    async def _runtime(self, home: Path, modules: list[str], out: Path, timeout: float) -> None:
+    async def _runtime(self, home: Path, modules: list[str], timeout: float) -> Path:
         """jlink's image for these modules, cached: the same modules give the same runtime."""
         release = (home / "release").read_bytes() if (home / "release").is_file() else str(home).encode()
         key = hashlib.sha256(release + repr((modules, JLINK_FLAGS)).encode()).hexdigest()[:16]
         cached = self.settings.cache_dir / "jlink" / key
         if not cached.is_dir():
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.parent / f".{key}-{os.getpid()}-{id(out)}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = cached.parent / f".{key}-{uuid.uuid4().hex}"
             try:
                 await run_tool(
                     [str(home / "bin" / "jlink"), "--add-modules", ",".join(modules), *JLINK_FLAGS, "--output",
@@ -129,8 +135,7 @@ class LinuxJavaCompiler(Compiler):
                     tmp.rename(cached)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        # The guest gets real files: Debian's JDK links some (cacerts, tzdb) to /etc and /usr/share.
-        shutil.copytree(cached, out, symlinks=False)
+        return cached
 
     async def _jar_from_sources(
         self, home: Path, project: Path, work: Path, main_class: str | None, timeout: float
@@ -160,15 +165,18 @@ class LinuxJavaCompiler(Compiler):
 
 async def _slim(runtime: Path, timeout: float) -> None:
     """Drop what a small guest never uses: the CDS archive for heaps over 32 GB, native symbols."""
-    (runtime / "lib" / "server" / "classes_nocoops.jsa").unlink(missing_ok=True)
+    # In the sandbox, like jlink: the toolchain cache is writable by every build, which could
+    # swap a folder of `runtime` for a link while the daemon removed or chmod-ed through it.
+    await run_tool(["rm", "-f", str(runtime / "lib" / "server" / "classes_nocoops.jsa")], cwd=runtime, timeout=timeout)
     strip = which("strip")
     if strip is None:
         return
-    objects = [runtime / path.lstrip("/") for path in elf.elf_files(runtime)]
-    for path in objects:
-        path.chmod(0o755)
+    objects = [str(runtime / path.lstrip("/")) for path in elf.elf_files(runtime)]
+    if not objects:
+        return
+    await run_tool(["chmod", "755", *objects], cwd=runtime, timeout=timeout)
     # Debian's libjvm.so keeps its symbol table (4 MB); jlink's own stripping leaves it.
-    await run_tool([str(strip), "--strip-unneeded", *map(str, objects)], cwd=runtime, timeout=timeout)
+    await run_tool([str(strip), "--strip-unneeded", *objects], cwd=runtime, timeout=timeout)
 
 
 def find_jar(project: Path, named: str | None) -> Path | None:

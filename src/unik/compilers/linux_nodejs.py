@@ -12,6 +12,7 @@ from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
     boot_memory_mb,
     copy_tree,
+    image_root,
     inside,
     install_program,
     manifest_str,
@@ -66,15 +67,18 @@ class LinuxNodejsCompiler(Compiler):
         main = find_main(project, manifest_str(manifest, "main_file"), package)
         if needs_install(project, package):
             await self._npm_ci(project, timeout)
-        root = work / "root"
-        app_dir = root / APP_DIR.lstrip("/")
-        copy_tree(project, app_dir, skip={".git"})
         guest_node = str(node)
-        env = install_program(node, root, guest_node)
+        program = node
         strip = which("strip")
         if strip is not None:
             # Debian's node keeps its symbol table: ~12 MB of the image nobody reads in the guest.
-            await run_tool([str(strip), str(root / guest_node.lstrip("/"))], cwd=work, timeout=timeout)
+            # Stripped beside the image tree, not in it: the tree is made after the last build step.
+            program = work / "node"
+            await run_tool([str(strip), "-o", str(program), str(node)], cwd=work, timeout=timeout)
+        root = image_root(work, project)
+        app_dir = root / APP_DIR.lstrip("/")
+        copy_tree(project, root, APP_DIR, skip={".git"})
+        env = install_program(program, root, guest_node)
         addons = elf.elf_files(root, app_dir)
         env.update(elf.bundle_shared_libraries(root, addons))
         guest_main = f"{APP_DIR}/{main.relative_to(project.resolve()).as_posix()}"

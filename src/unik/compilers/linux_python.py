@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
+from typing import Any
 
 from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
@@ -11,11 +13,14 @@ from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
     boot_memory_mb,
     copy_tree,
+    image_root,
     inside,
+    install_file,
     install_program,
     manifest_list,
     manifest_str,
     read_manifest,
+    real_folder,
     which,
 )
 from unik.errors import BadRequest
@@ -126,39 +131,49 @@ class LinuxPythonCompiler(Compiler):
         interpreter = which(self.settings.python)
         if interpreter is None:
             raise BadRequest(self.missing_toolchain() or "no python")
-        root = work / "root"
-        app_dir = root / APP_DIR.lstrip("/")
-        copy_tree(project, app_dir, skip={"wheels", ".git", "__pycache__", ".venv"})
-        site_dir = root / SITE_DIR.lstrip("/")
+        main_in_app = main.relative_to(project.resolve())
+        # pip may run the user's own code (a package's build backend), so what the sandboxed
+        # steps make goes to a staging tree; the image tree is made only after the last of them.
+        stage = (work / "stage").absolute()  # absolute: the analysis runs elsewhere (below)
+        stage.mkdir()
+        copy_tree(project, stage, APP_DIR, skip={"wheels", ".git", "__pycache__", ".venv"})
         if has_requirements(project):
-            await run_tool(self.pip_command(project, site_dir), cwd=project, timeout=timeout)
+            await run_tool(self.pip_command(project, stage / SITE_DIR.lstrip("/")), cwd=project, timeout=timeout)
         out = await run_tool(
             [
                 str(interpreter),
                 "-I",
                 "-c",
                 ANALYSE,
-                str(root),
+                str(stage),
                 APP_DIR,
                 SITE_DIR,
-                str(app_dir / main.relative_to(project.resolve())),
+                str(stage / APP_DIR.lstrip("/") / main_in_app),
                 json.dumps(manifest_list(manifest, "stdlib")),
                 json.dumps(DEV_ONLY),
             ],
-            cwd=work,
+            # Not the build folder: before 3.11, -I still puts the working directory on sys.path,
+            # and the build may have written modules there.
+            cwd=Path("/"),
             timeout=timeout,
         )
         found = json.loads(out.strip().splitlines()[-1])
+        shared = dynload_modules(found)
+        root = image_root(work, project)
+        # The staging tree as it is (links kept as links): from here on only the daemon writes.
+        copy_tree(stage, root, "/")
+        app_dir = root / APP_DIR.lstrip("/")
+        site_dir = root / SITE_DIR.lstrip("/")
         executable = found["executable"]
         env = install_program(Path(executable), root, executable)
         # Extension modules (ours and the app's packages') load their libraries through ld.so too.
-        objects = list(found["shared"])
-        for path in found["shared"]:
-            target = root / path.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(Path(path).read_bytes())
-        objects += elf.elf_files(root, root / SITE_DIR.lstrip("/")) if site_dir.is_dir() else []
-        objects += elf.elf_files(root, app_dir)
+        objects = list(shared)
+        for path in shared:
+            install_file(root, path, Path(path), mode=0o644, follow_links=True)
+        # Walked for extension modules: they must be folders, not links out of the image.
+        has_site = real_folder(root, SITE_DIR)
+        objects += elf.elf_files(root, site_dir) if has_site else []
+        objects += elf.elf_files(root, app_dir) if real_folder(root, APP_DIR) else []
         env.update(elf.bundle_shared_libraries(root, objects))
         env.update(
             {
@@ -167,9 +182,9 @@ class LinuxPythonCompiler(Compiler):
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        if site_dir.is_dir():
+        if has_site:
             env["PYTHONPATH"] = SITE_DIR
-        guest_main = f"{APP_DIR}/{main.relative_to(project.resolve()).as_posix()}"
+        guest_main = f"{APP_DIR}/{main_in_app.as_posix()}"
         return AppBundle(
             root=root,
             entrypoint=[executable, "-u", guest_main],
@@ -214,6 +229,17 @@ def find_main(project: Path, named: str | None) -> Path:
         f"or call it one of {', '.join(MAIN_CANDIDATES)}"
         + (f" (found {', '.join(p.name for p in top)})" if top else " (no *.py at the top)")
     )
+
+
+def dynload_modules(found: dict[str, Any]) -> list[str]:
+    """The standard library's extension modules the analysis names, which the daemon copies
+    from the host: only from the interpreter's lib-dynload folder, whatever the output says."""
+    dynload = posixpath.join(found["stdlib"], "lib-dynload") + "/"
+    shared = found["shared"]
+    for path in shared:
+        if not isinstance(path, str) or not path.startswith(dynload) or posixpath.normpath(path) != path:
+            raise BadRequest(f"the standard library analysis named {path!r}, not an extension module of {dynload}")
+    return list(shared)
 
 
 def has_requirements(project: Path) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
-from unik.compilers.toolchain import install_program, manifest_str, read_manifest, which
+from unik.compilers.toolchain import image_root, install_program, manifest_str, read_manifest, which
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
@@ -80,7 +80,7 @@ class LinuxRustCompiler(Compiler):
                 "CARGO_TERM_COLOR": "never",
             },
         )
-        root = work / "root"
+        root = image_root(work, project)
         env = install_program(target_dir / TARGET / "release" / bin_name, root, GUEST_APP)
         return AppBundle(root=root, entrypoint=[GUEST_APP], env=env)
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import posixpath
 import shutil
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,10 +89,9 @@ def inside(project: Path, relative: str, what: str) -> Path:
 
 def install_program(binary: Path, root: Path, guest_path: str) -> dict[str, str]:
     """Put an ELF program in the image; a dynamic one brings its loader and libraries along."""
-    target = root / guest_path.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(binary, target)
-    target.chmod(0o755)
+    # The program is the build's own output or a host interpreter already resolved to its real
+    # file: a link there is the build pointing the daemon at some other file of the host.
+    target = install_file(root, guest_path, binary, mode=0o755, follow_links=False)
     try:
         info = elf.read_elf(target)
     except ValueError as exc:
@@ -97,17 +101,225 @@ def install_program(binary: Path, root: Path, guest_path: str) -> dict[str, str]
     return elf.bundle_shared_libraries(root, [guest_path])
 
 
-def copy_tree(src: Path, dst: Path, *, skip: set[str] | None = None) -> None:
-    """The user's files as uploaded (symlinks kept as symlinks), minus the top-level names in `skip`."""
-    skip = skip or set()
-    dst.mkdir(parents=True, exist_ok=True)
-    for child in sorted(src.iterdir()):
-        if child.name in skip:
+# -- the image tree ---------------------------------------------------------------------------
+#
+# Build steps run in the sandbox, which may write anywhere in the build's own folder; the daemon
+# then assembles the image tree there as root and outside the sandbox. A link the build leaves
+# where the tree goes, or in place of a folder on the way, would have the daemon write (or read)
+# wherever it points on the host. So the tree is made only once no build step runs any more,
+# and is written only through the functions below, which open every folder on the way relative
+# to the one before without following links (O_NOFOLLOW) and create files exclusively.
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO the build left must fail the type check, not hang the daemon in open().
+_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def image_root(work: Path, project: Path) -> Path:
+    """A new, empty `work`/root for the image, made after the build's last sandboxed step.
+
+    `work` and `project` are checked to be real folders down from their common parent: the
+    manager binds that one folder into the sandbox, so the build cannot swap it, but it can
+    swap anything below it for a link."""
+    work, project = work.absolute(), project.absolute()
+    anchor = Path(os.path.commonpath([work, project]))
+    for folder in (work, project):
+        _require_real_folders(anchor, folder)
+    root = work / "root"
+    try:
+        # mkdir() never follows a link in the last place: whatever the build left there fails it.
+        root.mkdir()
+    except FileExistsError:
+        raise BadRequest(f"the build must not write outside its sources (it made {work.name}/{root.name})") from None
+    return root
+
+
+def _require_real_folders(anchor: Path, folder: Path, what: str = "") -> None:
+    current = anchor
+    for part in folder.relative_to(anchor).parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if not stat.S_ISDIR(mode):
+            made = "a link" if stat.S_ISLNK(mode) else "something else" if mode else "nothing"
+            where = what or f"its folder {folder.relative_to(anchor)}"
+            raise BadRequest(f"the build replaced {where}: {current.relative_to(anchor)} is {made}, not a folder")
+
+
+def real_folder(root: Path, guest_dir: str) -> bool:
+    """Whether the image has folder `guest_dir` (False: it has nothing there); a 400 when a link
+    or a file stands on the way, so that walking it cannot lead out of the image."""
+    folder = root / guest_dir.lstrip("/")
+    if not os.path.lexists(folder):
+        return False
+    _require_real_folders(root, folder, what=f"{guest_dir} in the image")
+    return True
+
+
+def install_file(root: Path, guest_path: str, source: Path, *, mode: int, follow_links: bool) -> Path:
+    """Copy `source` to `guest_path` in the image (which must not have it yet); the host path.
+
+    follow_links: whether `source` may be a link (host libraries are, and the guest gets the
+    file); a build's own output must not be one."""
+    folder, name = posixpath.split(guest_path)
+    try:
+        src = os.open(source, _READ | (0 if follow_links else os.O_NOFOLLOW))
+    except OSError as exc:
+        raise BadRequest(f"cannot read {source}: {_reason(exc, source)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise BadRequest(f"{source} is not a regular file")
+        with _image_folder(root, folder) as dst_dir:
+            _copy_file(src, name, dst_dir, mode, guest_path)
+    finally:
+        os.close(src)
+    return root / guest_path.lstrip("/")
+
+
+def copy_tree(
+    src: Path, root: Path, guest_dir: str, *, skip: set[str] | None = None, follow_links: bool = False
+) -> None:
+    """The files under `src` into folder `guest_dir` of the image, minus the top-level names in
+    `skip`. Links are kept as links (the user's own, as uploaded: the guest resolves them), or
+    with follow_links copied as what they point to, but only if that is in `src` too or any
+    user of the host may read it (the guest gets real files; the tree may be a shared cache)."""
+    try:
+        # Never a link itself, even with follow_links: everything it points to would be "in the tree".
+        src_fd = os.open(src, _DIR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise BadRequest(f"cannot copy {src}: {_reason(exc, src)}") from None
+    try:
+        tree = os.readlink(f"/proc/self/fd/{src_fd}")
+        with _image_folder(root, guest_dir) as dst_fd:
+            _copy_folder(src_fd, dst_fd, guest_dir.rstrip("/"), skip or set(), follow_links, tree, set())
+    finally:
+        os.close(src_fd)
+
+
+@contextlib.contextmanager
+def _image_folder(root: Path, guest_dir: str) -> Iterator[int]:
+    """A descriptor of folder `guest_dir` of the image, made where missing, never through a link."""
+    parts = [part for part in guest_dir.split("/") if part]
+    if not guest_dir.startswith("/") or any(part in (".", "..") for part in parts):
+        raise BadRequest(f"{guest_dir!r} is not an absolute path without . or .. in the image")
+    try:
+        fd = os.open(root, _DIR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise BadRequest(f"the image folder {root.name}: {_reason(exc, root)}") from None
+    try:
+        for depth, part in enumerate(parts):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                where = "/" + "/".join(parts[: depth + 1])
+                raise BadRequest(f"{where} in the image is a link or a file: nothing is written through it") from None
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _copy_file(
+    src: int, name: str, dst_dir: int, mode: int, guest_path: str, times_ns: tuple[int, int] | None = None
+) -> None:
+    """The open file `src` as a new file `name` in the open image folder `dst_dir`."""
+    try:
+        dst = os.open(name, _CREATE, 0o600, dir_fd=dst_dir)
+    except FileExistsError:
+        raise BadRequest(f"{guest_path} is already in the image (as a file, folder or link)") from None
+    with open(src, "rb", closefd=False) as reader, open(dst, "wb") as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
+        writer.flush()
+        # Exact, whatever the daemon's umask: the initrd records these modes.
+        os.fchmod(dst, stat.S_IMODE(mode))
+        if times_ns is not None:
+            os.utime(dst, ns=times_ns)
+
+
+def _copy_folder(
+    src_dir: int, dst_dir: int, where: str, skip: set[str], follow: bool, tree: str, seen: set[tuple[int, int]]
+) -> None:
+    """Copy the entries of one open folder into another; `seen`: the folders being copied (a
+    followed link to one of them would never end)."""
+    here = os.fstat(src_dir)
+    if (here.st_dev, here.st_ino) in seen:
+        raise BadRequest(f"{where} is a link to a folder that contains it")
+    seen = seen | {(here.st_dev, here.st_ino)}
+    with os.scandir(src_dir) as entries:
+        names = sorted(entry.name for entry in entries if entry.name not in skip)
+    for name in names:
+        guest = f"{where}/{name}"
+        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if is_link and not follow:
+            try:
+                os.symlink(os.readlink(name, dir_fd=src_dir), name, dir_fd=dst_dir)
+            except FileExistsError:
+                raise BadRequest(f"{guest} is already in the image") from None
             continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.copytree(child, dst / child.name, symlinks=True)
-        else:
-            shutil.copy2(child, dst / child.name, follow_symlinks=False)
+        if not (is_link or stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise BadRequest(f"{guest}: only files, folders and links can go in an image")
+        # Opened first and judged by what was opened: a swap after the stat() changes nothing.
+        try:
+            fd = os.open(name, _READ | (0 if is_link else os.O_NOFOLLOW), dir_fd=src_dir)
+        except OSError as exc:
+            raise BadRequest(f"cannot copy {guest} into the image: {os.strerror(exc.errno or 0)}") from None
+        try:
+            opened = os.fstat(fd)
+            if is_link and not _may_follow(fd, opened, tree):
+                target = os.readlink(name, dir_fd=src_dir)
+                raise BadRequest(f"{guest} links to {target!r}, which is not for the image")
+            if stat.S_ISDIR(opened.st_mode):
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dst_dir)
+                except FileExistsError:
+                    raise BadRequest(f"{guest} is already in the image") from None
+                child = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=dst_dir)
+                try:
+                    _copy_folder(fd, child, guest, set(), follow, tree, seen)
+                    os.fchmod(child, stat.S_IMODE(opened.st_mode))
+                finally:
+                    os.close(child)
+            elif stat.S_ISREG(opened.st_mode):
+                # Mode and times kept, as shutil.copy2 did.
+                _copy_file(fd, name, dst_dir, opened.st_mode, guest, (opened.st_atime_ns, opened.st_mtime_ns))
+            else:
+                raise BadRequest(f"{guest}: only files, folders and links can go in an image")
+        finally:
+            os.close(fd)
+
+
+def _may_follow(fd: int, opened: os.stat_result, tree: str) -> bool:
+    """Whether a followed link may bring what it opened into an image: anything of the tree
+    being copied, or a file any user of the host can read anyway (the JDK's cacerts). Not a
+    folder outside the tree: it may hold files that are not for everyone's eyes."""
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    if real == tree or real.startswith(tree.rstrip("/") + "/"):
+        return True
+    if not stat.S_ISREG(opened.st_mode) or not opened.st_mode & stat.S_IROTH:
+        return False
+    folder = os.path.dirname(real)
+    while True:
+        try:
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        if folder == "/":
+            return True
+        folder = os.path.dirname(folder)
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+        return "the build made it a link"
+    return os.strerror(exc.errno or 0)
 
 
 def tree_bytes(root: Path) -> int:

@@ -340,10 +340,13 @@ static void unmount_all(void)
 /*
  * The control channel: the second serial port (ttyS1), raw. Each request is one line,
  * "TAG VERB ARGS...", answered by "TAG ok" or "TAG err WHY". A UART costs the boot almost
- * nothing, where a virtio-serial device cost ~0.1 s of PCI and driver probing under TCG; the
- * tag lets the host skip what a dropped earlier connection may have left half-sent.
+ * nothing, where a virtio-serial device cost ~0.1 s of PCI and driver probing under TCG.
+ * Bytes the host sends before the port is opened can be lost (opening the UART clears its
+ * FIFO), so the host repeats a request until it is answered; the tag makes a repeat safe:
+ * the last request's answer is sent again, the request is not run twice. The tag also lets
+ * the host skip what a dropped earlier connection may have left half-sent.
  */
-#define CONTROL_OPEN_DELAY_MS 100
+#define CONTROL_TAG_LEN 12 /* hex digits */
 
 static int open_control(void)
 {
@@ -357,6 +360,7 @@ static int open_control(void)
 		return -1;
 	}
 	cfmakeraw(&tio);
+	tio.c_cflag |= CLOCAL | CREAD; /* no modem lines: nothing may hang the port up */
 	if (tcsetattr(fd, TCSANOW, &tio) < 0) {
 		close(fd);
 		return -1;
@@ -371,10 +375,17 @@ static void reply(int fd, const char *text)
 
 static void handle_command(int fd, char *line)
 {
+	static char last_tag[32], last_answer[400];
 	char tag[32], verb[16], a[256], b[256], c[32];
 	int n = sscanf(line, "%31s %15s %255s %255s %31s", tag, verb, a, b, c) - 1;
-	if (n < 1)
-		return; /* blank, or a fragment with no verb: nobody waits for an answer */
+	/* Blank, a fragment with no verb, or the tail of a request whose start was lost: nobody
+	 * waits for an answer, and it must not count as the last request (see open_control). */
+	if (n < 1 || strlen(tag) != CONTROL_TAG_LEN || strspn(tag, "0123456789abcdef") != CONTROL_TAG_LEN)
+		return;
+	if (strcmp(tag, last_tag) == 0) {
+		reply(fd, last_answer); /* a repeat: the host missed the answer, or sent it early */
+		return;
+	}
 	const char *why = NULL;
 	int err = 0;
 	if (strcmp(verb, "ping") == 0) {
@@ -387,12 +398,12 @@ static void handle_command(int fd, char *line)
 		err = EINVAL;
 		why = "unknown command";
 	}
-	char out[400];
 	if (err)
-		snprintf(out, sizeof out, "%s err %s\n", tag, why ? why : strerror(err));
+		snprintf(last_answer, sizeof last_answer, "%s err %s\n", tag, why ? why : strerror(err));
 	else
-		snprintf(out, sizeof out, "%s ok\n", tag);
-	reply(fd, out);
+		snprintf(last_answer, sizeof last_answer, "%s ok\n", tag);
+	snprintf(last_tag, sizeof last_tag, "%s", tag);
+	reply(fd, last_answer);
 }
 
 /* Read what the host sent; run each complete line. */
@@ -610,15 +621,12 @@ static void signal_app(pid_t app, int sig)
 
 /* Supervise the app until it is gone; returns its wait status. Reaps every other child too,
  * and serves the control channel meanwhile. */
-static int supervise(pid_t app, const sigset_t *mask)
+static int supervise(pid_t app, const sigset_t *mask, int ctl)
 {
 	int stopping = 0;
 	long long kill_at = 0;
 	int timeout_s = stop_timeout();
 	int sigfd = signalfd(-1, mask, SFD_CLOEXEC);
-	/* Opening the UART takes a few ms of the single vCPU under TCG: the app starts first. */
-	int ctl = -1;
-	long long open_ctl_at = now_ms() + CONTROL_OPEN_DELAY_MS;
 
 	for (;;) {
 		/* Reap first: SIGCHLD may have been merged with an earlier one. */
@@ -631,14 +639,6 @@ static int supervise(pid_t app, const sigset_t *mask)
 
 		long long now = now_ms();
 		int wait_ms = -1;
-		if (open_ctl_at) {
-			if (now >= open_ctl_at) {
-				ctl = open_control();
-				open_ctl_at = 0;
-			} else {
-				wait_ms = (int)(open_ctl_at - now);
-			}
-		}
 		if (stopping) {
 			long long left = kill_at - now;
 			if (left <= 0) {
@@ -646,16 +646,16 @@ static int supervise(pid_t app, const sigset_t *mask)
 				kill_at = now + 3600 * 1000LL; /* SIGKILL once; then just wait */
 				continue;
 			}
-			wait_ms = wait_ms < 0 || left < wait_ms ? (int)left : wait_ms;
+			wait_ms = (int)left;
 		}
 		struct pollfd fds[2] = { { sigfd, POLLIN, 0 }, { ctl, POLLIN, 0 } };
 		if (poll(fds, 2, wait_ms) < 0)
 			continue;
 		if (fds[1].revents & POLLIN)
 			serve_control(ctl);
-		else if (fds[1].revents & (POLLHUP | POLLERR | POLLNVAL)) {
-			close(ctl); /* a UART does not hang up; if it ever errs, stop spinning on it */
-			ctl = -1;
+		else if (fds[1].revents & (POLLHUP | POLLERR)) {
+			close(ctl); /* CLOCAL: it should not happen; if it does, start afresh */
+			ctl = open_control();
 		}
 
 		struct signalfd_siginfo info;
@@ -704,6 +704,8 @@ int main(void)
 	mount_fs("proc", "/proc", NULL);
 	mount_fs("sysfs", "/sys", NULL);
 	mount_fs("tmpfs", "/tmp", "mode=1777");
+	/* Early: what the host sends before the port is open is lost (see open_control). */
+	int ctl = open_control();
 
 	load_modules();
 	set_hostname();
@@ -744,7 +746,7 @@ int main(void)
 		finish(127);
 	}
 
-	int status = supervise(app, &mask);
+	int status = supervise(app, &mask, ctl);
 	int code;
 	if (WIFSIGNALED(status)) {
 		say("\nunik: killed by signal %d\n", WTERMSIG(status));

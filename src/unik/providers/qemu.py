@@ -41,6 +41,7 @@ MAX_SOCKET_PATH = 107
 LAUNCH_TIMEOUT = 60.0
 KILL_WAIT = 5.0
 CONTROL_TIMEOUT = 30.0
+CONTROL_RESEND = 1.0
 UNPLUG_TIMEOUT = 15.0
 
 
@@ -341,21 +342,28 @@ class QemuProvider(Provider):
             )
         except (OSError, TimeoutError) as exc:
             raise UnikError(f"cannot reach the guest's control channel: {exc}") from exc
-        tag = secrets.token_hex(6)
-        answer = ""
+        tag = secrets.token_hex(6)  # 12 hex digits: the guest ignores lines without such a tag
+        # The leading newline ends whatever fragment an interrupted earlier request left.
+        request = f"\n{tag} {command}\n".encode()
+        answer, closed = "", False
         try:
-            # The leading newline ends whatever fragment an interrupted earlier request left.
-            writer.write(f"\n{tag} {command}\n".encode())
-            await writer.drain()
             async with asyncio.timeout(CONTROL_TIMEOUT):
-                while not answer:
-                    line = await reader.readline()
-                    if not line:
-                        break
-                    head, _, rest = line.decode(errors="replace").strip().partition(" ")
-                    # Only an answer counts: a tty echo of the request would carry the tag too.
-                    if head == tag and (rest == "ok" or rest.startswith("err")):
-                        answer = rest
+                while not answer and not closed:
+                    # Repeated until answered: what reaches the guest before its port is open is
+                    # lost, and the guest answers a repeated tag without running it again.
+                    writer.write(request)
+                    await writer.drain()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CONTROL_RESEND):
+                            while not answer:
+                                line = await reader.readline()
+                                if not line:
+                                    closed = True
+                                    break
+                                head, _, rest = line.decode(errors="replace").strip().partition(" ")
+                                # Only an answer counts: a tty echo of the request carries the tag too.
+                                if head == tag and (rest == "ok" or rest.startswith("err")):
+                                    answer = rest
         except TimeoutError:
             raise UnikError(f"the guest did not answer {command.split()[0]!r} in time") from None
         finally:

@@ -477,7 +477,7 @@ def report(out: Results, plots: list[str]) -> str:
             "The third column splits the gap: the daemon's exact qemu command line (same devices,",
             "NIC, initrd with the run config) started directly, without the API and `-daemonize`.",
             "unik / direct is what the daemon adds; direct / floor is what the image and its",
-            "virtual machine (virtio NIC and serial, the guest init, the runtime) add.",
+            "virtual machine (the virtio NIC and its set-up, the guest init, the runtime) add.",
             "",
             "| | unik: median (range) | same VM started directly | unik / direct | unik / floor |",
             "|---|---|---|---|---|",

@@ -26,13 +26,14 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,65 +323,70 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
     _, image = build(base, "c", "hello", archive)
     started: list[str] = []
     out.density_cap = cap
-    try:
-        for n in range(cap):
-            name = f"dense-{n:02d}"
-            try:
-                boot_started = time.perf_counter()
-                with httpx.Client(base_url=base, timeout=DEADLINE) as http:
-                    response = http.post(
-                        "/instances/run", json={"InstanceName": name, "ImageName": "hello", "MemoryMb": memory}
-                    )
-                    if response.status_code != 201:
-                        out.density_stop_reason = f"instance {n + 1}: {response.status_code} {response.text[:200]}"
-                        break
-                    started.append(response.json()["Id"])
-                    wait_for_console(data_dir, started[-1], HELLO_LINE, DEADLINE)
-                boot_s = time.perf_counter() - boot_started
-            except RuntimeError as exc:
-                out.density_stop_reason = f"instance {n + 1}: {exc}"
-                break
-            print(f"P5 instance {n + 1} up in {boot_s:.1f} s", file=sys.stderr)
-        else:
-            out.density_stop_reason = f"the cap ({cap}) was reached"
-        time.sleep(settle)  # idle: the guests have booted and only tick once a second now
-        # Measured while ours run, so the shared pages (qemu's binary and libraries, the kernel
-        # file) are split between as many processes as for ours.
-        out.density_floor = floor_memory(data_dir.parent, data_dir / "images" / image["Id"] / "kernel", memory, settle)
-        listing = {i["Id"]: i["State"] for i in httpx.get(f"{base}/instances", timeout=30).json()}
-        out.density_running = sum(1 for i in started if listing.get(i) == InstanceState.running.value)
-        for instance_id in started:
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                pid = int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
-                out.density.append(qemu_memory(pid, memory))
-    finally:
-        for instance_id in started:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.delete(f"{base}/instances/{instance_id}", params={"force": "true"}, timeout=60)
+    # Started first, so it has idled at least as long as any instance when all are measured
+    # (qemu's memory still shrinks for a while after boot), and measured with them, so the
+    # shared pages (qemu's binary and libraries, the kernel file) are split the same way.
+    with idle_floor(data_dir.parent, data_dir / "images" / image["Id"] / "kernel", memory) as floor_pid:
+        try:
+            for n in range(cap):
+                name = f"dense-{n:02d}"
+                try:
+                    boot_started = time.perf_counter()
+                    with httpx.Client(base_url=base, timeout=DEADLINE) as http:
+                        response = http.post(
+                            "/instances/run", json={"InstanceName": name, "ImageName": "hello", "MemoryMb": memory}
+                        )
+                        if response.status_code != 201:
+                            out.density_stop_reason = f"instance {n + 1}: {response.status_code} {response.text[:200]}"
+                            break
+                        started.append(response.json()["Id"])
+                        wait_for_console(data_dir, started[-1], HELLO_LINE, DEADLINE)
+                    boot_s = time.perf_counter() - boot_started
+                except RuntimeError as exc:
+                    out.density_stop_reason = f"instance {n + 1}: {exc}"
+                    break
+                print(f"P5 instance {n + 1} up in {boot_s:.1f} s", file=sys.stderr)
+            else:
+                out.density_stop_reason = f"the cap ({cap}) was reached"
+            time.sleep(settle)  # idle: the guests have booted and only tick once a second now
+            out.density_floor = qemu_memory(floor_pid, memory)
+            listing = {i["Id"]: i["State"] for i in httpx.get(f"{base}/instances", timeout=30).json()}
+            out.density_running = sum(1 for i in started if listing.get(i) == InstanceState.running.value)
+            for instance_id in started:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    pid = int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
+                    out.density.append(qemu_memory(pid, memory))
+        finally:
+            for instance_id in started:
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.delete(f"{base}/instances/{instance_id}", params={"force": "true"}, timeout=60)
 
 
-def floor_memory(work: Path, image_kernel: Path, memory_mb: int, settle: float) -> dict[str, float]:
-    """P5's floor: the same qemu, kernel and machine idling on a trivial init, started directly.
-    It boots a link to the image's own kernel file, so its pages are shared as the instances' are."""
+@contextlib.contextmanager
+def idle_floor(work: Path, image_kernel: Path, memory_mb: int) -> Iterator[int]:
+    """P5's floor, running for the duration of the block (yields its pid): the same qemu, kernel
+    and machine idling on a trivial init. It boots a link to the image's own kernel file, so its
+    pages are shared as the instances' are, and daemonizes as they do (a daemonized qemu keeps
+    ~10 MiB less resident than one started in the foreground)."""
     kernel = work / "floor-idle-kernel"
     os.link(image_kernel, kernel)
     accel = "kvm" if kvm_usable()[0] else "tcg"
-    console = work / "floor-idle.log"
+    console, pidfile = work / "floor-idle.log", work / "floor-idle.pid"
     initrd = floor_initrd(work, stay_up=True)
     argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=memory_mb,
                      console=console)  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*argv, "-daemonize", "-pidfile", str(pidfile)], stdin=subprocess.DEVNULL, check=True)
+    pid = int(pidfile.read_text())
     try:
         deadline = time.monotonic() + DEADLINE
         while FLOOR_LINE not in (console.read_bytes() if console.exists() else b""):
-            if time.monotonic() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline:
                 raise RuntimeError("the idle floor VM never printed its line")
             time.sleep(0.05)
-        time.sleep(settle)
-        return qemu_memory(proc.pid, memory_mb)
+        yield pid
     finally:
-        proc.kill()
-        proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for_console(data_dir: Path, instance_id: str, marker: bytes, deadline: float) -> None:

@@ -220,27 +220,32 @@ def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
 
 def _resolve_package() -> str:
     """The versioned image package the metapackage depends on, e.g. linux-image-6.1.0-56-cloud-amd64."""
-    pattern = re.compile(r"Depends:\s*(linux-image-\d[^\s<>|]*)")
+    return _apt_cache(
+        ["depends", META_PACKAGE],
+        r"Depends:\s*(linux-image-\d[^\s<>|]*)",
+        f"cannot resolve the kernel package behind {META_PACKAGE}",
+    )
+
+
+def _apt_cache(query: list[str], pattern: str, missing: str) -> str:
+    """Group 1 of the first match of `pattern` in what `apt-cache QUERY` prints; asked once more
+    after `apt-get update` when absent (fresh machines often have empty package lists)."""
 
     def lookup() -> str | None:
         try:
-            out = _run(["apt-cache", "depends", META_PACKAGE])
+            out = _run(["apt-cache", *query])
         except RuntimeError:
             return None
-        for line in out.splitlines():
-            m = pattern.search(line)
-            if m:
-                return m.group(1)
-        return None
+        m = re.search(pattern, out, re.MULTILINE)
+        return m.group(1) if m else None
 
-    package = lookup()
-    if package is None:
-        # Fresh containers often have empty package lists; refresh only when needed.
+    found = lookup()
+    if found is None:
         _run(["apt-get", "update"])
-        package = lookup()
-    if package is None:
-        raise RuntimeError(f"cannot resolve the kernel package behind {META_PACKAGE}")
-    return package
+        found = lookup()
+    if found is None:
+        raise RuntimeError(missing)
+    return found
 
 
 def _fetch_locked(kernel_root: Path) -> Kernel:
@@ -316,22 +321,11 @@ def _micro_key(source_version: str) -> str:
 
 def _source_version() -> str:
     """The version of linux-source apt would download (the cache key depends on it)."""
-
-    def lookup() -> str | None:
-        try:
-            out = _run(["apt-cache", "show", "--no-all-versions", MICRO_SOURCE_PACKAGE])
-        except RuntimeError:
-            return None
-        m = re.search(r"^Version:\s*(\S+)", out, re.MULTILINE)
-        return m.group(1) if m else None
-
-    version = lookup()
-    if version is None:
-        _run(["apt-get", "update"])
-        version = lookup()
-    if version is None:
-        raise RuntimeError(f"apt knows no package {MICRO_SOURCE_PACKAGE}")
-    return version
+    return _apt_cache(
+        ["show", "--no-all-versions", MICRO_SOURCE_PACKAGE],
+        r"^Version:\s*(\S+)",
+        f"apt knows no package {MICRO_SOURCE_PACKAGE}",
+    )
 
 
 def fragment_options(text: str) -> dict[str, str | None]:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import daemon, free_port, publish
+from common import daemon, publish
 
 from unik.client import UnikClient
+from unik.providers.network import free_port
 from unik.providers.qemu import kvm_usable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,14 +30,14 @@ import time
 from pathlib import Path
 
 import httpx
-from common import api, daemon, free_port, publish, tarball
+from common import api, daemon, publish, tarball
 
 from unik import guest
 from unik.config import QemuProviderConfig
 from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.manager import BASE_MODULES
-from unik.providers.network import USER_GUEST, mac_address
+from unik.providers.network import USER_GUEST, free_port, mac_address
 from unik.providers.qemu import boot_argv, kvm_usable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,12 +40,13 @@ from typing import Any
 
 import httpx
 from boot import FLOOR_LINE, boot_floor, boot_to_line, floor_initrd
-from common import EXAMPLES, RESULTS, Daemon, api, start_daemon, tarball
+from common import EXAMPLES, RESULTS, api, tarball
 
 from unik.config import QemuProviderConfig
 from unik.models import Image, ImageRunSpec, Instance, InstanceState, now_rfc3339
 from unik.providers.qemu import boot_argv, kvm_usable
 from unik.store import Record, Store
+from unik.testing import DaemonProcess, start_daemon
 
 LANGS = ["c", "go", "cpp", "rust", "python", "nodejs", "java"]
 FIRST_LINE = b"listening on"
@@ -284,7 +285,7 @@ def api_load(work: Path, seconds: int, connections: int, out: Results) -> None:
     data_dir = work / "api"
     data_dir.mkdir()
     image = seed_records(data_dir, 100)
-    running: Daemon = start_daemon(data_dir)
+    running: DaemonProcess = start_daemon(data_dir)
     try:
         count = len(httpx.get(f"{running.url}/instances", timeout=10).json())
         if count != 100:

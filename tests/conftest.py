@@ -7,20 +7,17 @@ import io
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from unik.client import UnikClient
+from unik.providers.network import free_port
+from unik.testing import DaemonProcess as Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -88,60 +85,6 @@ def api(data_dir: Path) -> Iterator[TestClient]:
 
     with TestClient(build_app(data_dir), raise_server_exceptions=False) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    data_dir: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = open(self.data_dir / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "unik.cli", "daemon", "--port", str(self.port), "--d", str(self.data_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + 30
-        client = UnikClient(self.host)
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited: {(self.data_dir / 'daemon.log').read_text()}")
-            try:
-                if client.ping():
-                    return
-            except Exception:
-                time.sleep(0.1)
-        raise RuntimeError("daemon did not answer within 30 s")
-
-    def kill(self) -> None:
-        """kill -9: the daemon gets no chance to clean up, like a crash."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-            self.process = None
 
 
 @pytest.fixture

@@ -38,6 +38,13 @@ TAP_PREFIX = "unik"
 HOSTFWD_FAILURE = "host forwarding rule"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the debugger's, the tests' daemons)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def mac_address(instance_id: str) -> str:
     """Stable per instance (so the guest keeps its identity across restarts), locally administered."""
     digest = hashlib.sha256(instance_id.encode()).digest()

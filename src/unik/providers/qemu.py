@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -32,7 +31,7 @@ from unik.errors import BadRequest, Conflict, UnikError
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.providers.base import LaunchSpec, Provider, VolumeAttachment
-from unik.providers.network import HOSTFWD_FAILURE, HostNetwork
+from unik.providers.network import HOSTFWD_FAILURE, HostNetwork, free_port
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ class QemuProvider(Provider):
             argv += ["-blockdev", _blockdev(volume), "-device", _disk_device(volume)]
         argv += self.network.qemu_args(instance_id, spec.ports)
         if spec.debug_mode:
-            port = self.config.debugger_port or _free_port()
+            port = self.config.debugger_port or free_port()
             (self._dir(instance_id) / "gdb.port").write_text(str(port))
             argv += ["-gdb", f"tcp:127.0.0.1:{port}", "-S"]
         return argv
@@ -493,8 +492,3 @@ def _concat(first: Path, tail: bytes, target: Path) -> None:
         out.write(tail)
     tmp.rename(target)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -45,8 +45,6 @@ class LinuxCCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
-        root = work / "root"
-        app = root / GUEST_APP
         if (project / "Makefile").exists() or (project / "makefile").exists():
             binary = await make_app(project, ["CC=musl-gcc", "LDFLAGS=-static"], timeout)
             require_static_elf(binary)
@@ -63,7 +61,9 @@ class LinuxCCompiler(Compiler):
             if not sources:
                 raise BadRequest("no C sources found: the archive has no *.c file and no Makefile")
             # Linked straight into the image tree: a file created (and later removed) the less,
-            # on the critical path of every build.
+            # on the critical path of every build. musl-gcc runs none of the user's code.
+            root = work / "root"
+            app = root / GUEST_APP
             app.parent.mkdir(parents=True, exist_ok=True)
             await run_tool(
                 ["musl-gcc", "-static", "-O2", "-I.", "-o", str(app), *sources, "-lm"],
@@ -71,7 +71,7 @@ class LinuxCCompiler(Compiler):
                 timeout=timeout,
             )
             require_static_elf(app)
-        app.chmod(0o755)
+            app.chmod(0o755)
         return AppBundle(root=root, entrypoint=["/" + GUEST_APP])
 
 

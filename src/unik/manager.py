@@ -973,7 +973,10 @@ def _require_name(name: str, kind: str) -> None:
 
 
 def _raise_if_disk_full(exc: BaseException, data_dir: Path) -> None:
-    """A full host disk is a 507 that says so, not a 500 with a traceback or a 400 blaming the upload."""
+    """A full host disk is a 507 that says so, not a 500 with a traceback or a 400 blaming the upload.
+
+    Here rather than only in the API's catch-all handler: Starlette re-raises what that handler
+    answered, and the server then drops the client's connection."""
     full = disk_full(exc, data_dir)
     if full is not None:
         raise full from exc

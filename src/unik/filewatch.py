@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from types import TracebackType
 
 from asyncinotify import Inotify, Mask
 
@@ -56,11 +55,3 @@ class FileChanges:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
-
-    def __enter__(self) -> FileChanges:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()

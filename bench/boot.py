@@ -1,8 +1,10 @@
 """Boot and build benchmark, each beside its floor, measured in one interleaved run.
 
 Boot:  POST /instances/run → the app's first console line seen through the logs API,
-       beside the floor: the same qemu and kernel on the same machine booting a trivial
-       static init (prints one line) started directly, with no daemon in between.
+       beside the floor: the instance's own qemu command line (same machine, kernel and
+       devices) booting a trivial static init (prints one line) in place of the image,
+       started directly, with no daemon in between; and beside the bare machine's floor
+       (the same qemu and kernel with no devices).
 Build: POST /images/{name}/create of examples/c-hello, beside the compiler alone
        (musl-gcc -static -O2 on the same sources).
 
@@ -15,6 +17,8 @@ are printed as Markdown and written to bench/results/boot.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 import shutil
 import statistics
@@ -140,6 +144,74 @@ def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int
         proc.wait()
 
 
+def wait_for_console(data_dir: Path, instance_id: str, marker: bytes, deadline: float = DEADLINE) -> None:
+    console = data_dir / "instances" / instance_id / "console.log"
+    started = time.monotonic()
+    while time.monotonic() - started < deadline:
+        with contextlib.suppress(OSError):
+            if marker in console.read_bytes():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"no {marker!r} on the console within {deadline:.0f} s")
+
+
+def capture_vm(base: str, data_dir: Path, image: str, marker: bytes, work: Path) -> list[str]:
+    """The qemu command line the daemon runs for `image`, with its files linked into `work` (a
+    probe instance, deleted after), so the same VM can be started directly."""
+    name = f"{image}-probe"
+    http = api(base)
+    instance = http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).json()
+    folder = data_dir / "instances" / instance["Id"]
+    try:
+        wait_for_console(data_dir, instance["Id"], marker)
+        pid = int((folder / "qemu.pid").read_text())
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+        own = work / f"direct-{image}"
+        own.mkdir()
+        for file in ("kernel", "boot.initrd"):
+            os.link(folder / file, own / file)
+    finally:
+        http.delete(f"/instances/{name}", params={"force": "true"})
+    direct: list[str] = []
+    options = iter(argv)
+    for arg in options:
+        if arg == "-daemonize":
+            continue
+        if arg in ("-pidfile", "-qmp"):
+            next(options)  # the daemon's own handles on the VM, not part of the machine
+            continue
+        direct.append(arg.replace(str(folder), str(own)))
+    return direct
+
+
+def with_initrd(argv: list[str], initrd: Path) -> list[str]:
+    """The same VM booting another initrd: with the floor's, it is the floor on this VM's devices."""
+    at = argv.index("-initrd") + 1
+    return [*argv[:at], str(initrd), *argv[at + 1 :]]
+
+
+def boot_direct(argv: list[str], marker: bytes, tag: str, work: Path) -> float:
+    """A captured VM started directly (no API, no -daemonize) → `marker` on its console."""
+    console = work / f"{tag}.log"
+    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
+    argv = [a.replace(str(folder / "console.log"), str(console)) for a in argv]
+    (folder / "ctl.sock").unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - started < DEADLINE:
+            with contextlib.suppress(OSError):
+                if marker in console.read_bytes():
+                    return time.perf_counter() - started
+            if proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        raise RuntimeError(f"{tag}: the directly started VM never printed {marker!r}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def row(label: str, ours: list[float], floor: list[float]) -> str:
     mine, base = statistics.median(ours), statistics.median(floor)
     return f"| {label} | {mine:.3f} s | {base:.3f} s | {mine / base:.2f}x | {min(ours):.3f}-{max(ours):.3f} s |"
@@ -156,6 +228,7 @@ def main() -> int:
     tarball = app_tarball()
     boots_ours: list[float] = []
     boots_floor: list[float] = []
+    boots_vm_floor: list[float] = []
     builds_ours: list[float] = []
     builds_floor: list[float] = []
     work = Path(tempfile.mkdtemp(prefix="unik-bench-", dir="/tmp"))
@@ -163,13 +236,16 @@ def main() -> int:
         initrd = floor_initrd(work)
         with daemon(work / "data") as base:
             build_ours(base, tarball, "bench")  # warm-up: the guest init is compiled once and cached
+            vm_floor = with_initrd(capture_vm(base, work / "data", "bench", FIRST_APP_LINE, work), initrd)
             for n in range(options.rounds):
                 builds_ours.append(build_ours(base, tarball, "bench"))
                 builds_floor.append(build_floor(work))
                 boots_ours.append(boot_ours(base, "bench", f"bench-{n}"))
                 boots_floor.append(boot_floor(kernel.vmlinux, initrd, accel, work, n))
+                boots_vm_floor.append(boot_direct(vm_floor, FLOOR_LINE, f"vm-floor-{n}", work))
                 print(
-                    f"round {n + 1}: boot {boots_ours[-1]:.3f} s (floor {boots_floor[-1]:.3f} s), "
+                    f"round {n + 1}: boot {boots_ours[-1]:.3f} s (floor {boots_vm_floor[-1]:.3f} s, "
+                    f"bare {boots_floor[-1]:.3f} s), "
                     f"build {builds_ours[-1]:.3f} s (floor {builds_floor[-1]:.3f} s)",
                     file=sys.stderr,
                 )
@@ -184,10 +260,13 @@ def main() -> int:
             "",
             "| measure | unik (median) | floor (median) | ratio | unik range |",
             "|---|---|---|---|---|",
-            row("boot: POST /instances/run → first app line", boots_ours, boots_floor),
+            row("boot: POST /instances/run → first app line", boots_ours, boots_vm_floor),
+            row("boot, beside the bare machine's floor", boots_ours, boots_floor),
             row("build: tar.gz → image (c-hello)", builds_ours, builds_floor),
             "",
-            "Boot floor: the same qemu/kernel/machine booting a trivial static init directly.",
+            "Boot floor: the instance's own qemu command line (machine, kernel, NIC, control port),",
+            "started directly with a trivial static init in place of the image's initrd.",
+            "Bare machine's floor: the same qemu, kernel and machine with no devices at all.",
             "Build floor: musl-gcc -static -O2 on the same sources.",
         ]
     )

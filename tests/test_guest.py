@@ -275,6 +275,14 @@ int main(int argc, char **argv) {
     gethostname(host, sizeof host - 1);
     printf("hostname=%s\n", host);
     printf("virtio_blk=%s\n", access("/sys/module/virtio_blk", F_OK) == 0 ? "loaded" : "missing");
+    const char *names[] = {"PATH", "HOME", "TERM"};
+    for (int i = 0; i < 3; i++) printf("%s=%s\n", names[i], getenv(names[i]) ? getenv(names[i]) : "(unset)");
+    FILE *tmp = fopen("/tmp/probe", "w");
+    printf("tmp=%s\n", tmp && fputs("x", tmp) >= 0 && fclose(tmp) == 0 ? "writable" : "read-only");
+    char line[80] = "(none)\n";
+    FILE *resolv = fopen("/etc/resolv.conf", "r");
+    if (resolv && !fgets(line, sizeof line, resolv)) line[0] = 0;
+    printf("resolv=%s", line);
     return 3;
 }
 """
@@ -338,6 +346,7 @@ def _boot(
         "-append", " ".join(BOOT_ARGS),
         "-chardev", f"file,id=c0,path={log},append=on", "-serial", "chardev:c0",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
     ]  # fmt: skip
     if qmp is not None:
         cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
@@ -379,7 +388,12 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
         short_tmp,
         vm_kernel,
         initrd,
-        run_config_cpio(env={"GREETING": "hi"}, args=["one", "two words"], hostname="guest1"),
+        run_config_cpio(
+            env={"GREETING": "hi"},
+            args=["one", "two words"],
+            hostname="guest1",
+            net={"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"},
+        ),
     )
     try:
         code = _wait_exit(proc, deadline)
@@ -395,6 +409,11 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
         "BAKED=yes",
         "hostname=guest1",
         "virtio_blk=loaded",
+        "PATH=/unik:/bin:/usr/bin",
+        "HOME=/",
+        "TERM=(unset)",  # the kernel gives init TERM=linux: it is not the app's
+        "tmp=writable",
+        "resolv=nameserver 10.0.2.3",
         "unik: exit status 3",
     ]:
         assert expected in lines, f"{expected!r} missing from console:\n" + "\n".join(lines)

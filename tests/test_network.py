@@ -63,6 +63,8 @@ def test_run_config_net_file() -> None:
     archive = run_config_cpio(env={}, net={"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"})
     assert b"unik/run/net" in archive
     assert b"address=10.0.2.15/24\ngateway=10.0.2.2\ndns=10.0.2.3\n" in archive
+    assert b"etc/resolv.conf" in archive and b"nameserver 10.0.2.3\n" in archive
+    assert b"resolv.conf" not in run_config_cpio(env={}, net={"address": "10.0.2.15/24"})
     assert b"unik/run/net" not in run_config_cpio(env={})
     bad_configs: list[dict[str, str]] = [
         {"address": "10.0.2.15"},

@@ -9,7 +9,8 @@ Guest protocol (read by init.c, PID 1)::
 
     /init                   the init program (static musl binary built from init.c)
     /dev/console            char device 5,1 so the kernel can give init a console
-    /dev /proc /sys /tmp    mount points (devtmpfs, proc, sysfs, tmpfs)
+    /dev /proc /sys         mount points (devtmpfs, proc, sysfs)
+    /tmp                    a directory of the root, which is already a tmpfs
     /unik/modules           kernel modules to load, one absolute path per line, in load order
     /lib/modules/NAME.ko    the modules themselves
     /unik/entrypoint        argv prefix, NUL-terminated words (e.g. "/unik/app\\0")
@@ -23,7 +24,8 @@ Guest protocol (read by init.c, PID 1)::
     /unik/run/hostname      one line
     /unik/run/stop_timeout  integer seconds between SIGTERM and SIGKILL on a graceful stop
     /unik/run/net           the network interface's setup, "key=value" lines: address=A.B.C.D/N,
-                            gateway=A.B.C.D, dns=A.B.C.D (resolv.conf); absent: loopback only
+                            gateway=A.B.C.D, dns=A.B.C.D; absent: loopback only
+    /etc/resolv.conf        "nameserver DNS" when the network has a dns
     /unik/run/mounts        volumes to mount before the app starts: "SERIAL MOUNTPOINT FSTYPE" lines
                             (SERIAL is the virtio-blk serial; FSTYPE ext2/ext4/vfat, or auto)
 
@@ -300,6 +302,10 @@ def run_config_cpio(
         w.add_file("unik/run/mounts", "".join(lines).encode())
     if net is not None:
         w.add_file("unik/run/net", _net_lines(net))
+        if "dns" in net:
+            # Written here rather than by init: a file in the archive costs the boot nothing.
+            w.add_dir("etc", 0o755)
+            w.add_file("etc/resolv.conf", f"nameserver {net['dns']}\n".encode())
     w.close()
     return buf.getvalue()
 

@@ -617,7 +617,7 @@ static void setup_network(void)
 	close(sock);
 }
 
-static pid_t start_app(char **argv, char **env)
+static pid_t start_app(char **argv)
 {
 	/* vfork: no page tables to copy and no copy-on-write faults, each of them slow under TCG,
 	 * and PID 1 waits until the app is exec'd, so the app is first on the single vCPU. The
@@ -643,7 +643,6 @@ static pid_t start_app(char **argv, char **env)
 			close(fd);
 	}
 	(void)!chdir("/");
-	environ = env; /* execvp searches the app's PATH */
 	execvp(argv[0], argv);
 	say("unik: cannot run %s: %s\n", argv[0], strerror(errno));
 	_exit(127);
@@ -773,7 +772,9 @@ int main(void)
 		finish(125);
 	}
 
-	pid_t app = start_app(argv.at, env.at);
+	/* The app's environment is init's from here on: execvp searches the app's PATH. */
+	environ = env.at;
+	pid_t app = start_app(argv.at);
 	if (app < 0) {
 		say("unik: cannot run %s: %s\n", argv.at[0], strerror(errno));
 		say("\nunik: exit status 127\n");

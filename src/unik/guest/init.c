@@ -10,7 +10,8 @@
  *   /unik/run/env          per-boot environment: applied after /unik/env, wins on conflicts
  *   /unik/run/hostname     per-boot hostname, one line
  *   /unik/run/stop_timeout seconds between SIGTERM and SIGKILL on a graceful stop (default 5)
- *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=..., dns=... lines
+ *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=... lines (and dns=,
+ *                          read only by older images' inits: /etc/resolv.conf is in the archive)
  *
  * Console protocol: when the app is gone, init prints exactly one of
  *

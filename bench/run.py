@@ -376,9 +376,9 @@ def report(out: Results, plots: list[str]) -> str:
     ]
     floor = med(out.boot.get("floor", []))
     for lang, values in out.boot.items():
-        vm_floor = med(out.boot_vm_floor.get(lang, []))
-        if lang == "floor" or vm_floor != vm_floor:  # NaN: no floor measured on this VM
+        if lang == "floor" or not out.boot_vm_floor.get(lang):
             continue
+        vm_floor = med(out.boot_vm_floor[lang])
         ratio = med(values) / vm_floor
         lines.append(
             f"| P1 boot {lang}: run → first line / floor | {med(values):.2f} s / {vm_floor:.2f} s = {ratio:.2f}x "

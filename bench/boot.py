@@ -155,12 +155,16 @@ def wait_for_console(data_dir: Path, instance_id: str, marker: bytes, deadline: 
     raise RuntimeError(f"no {marker!r} on the console within {deadline:.0f} s")
 
 
-def capture_vm(base: str, data_dir: Path, image: str, marker: bytes, work: Path) -> list[str]:
-    """The qemu command line the daemon runs for `image`, with its files linked into `work` (a
-    probe instance, deleted after), so the same VM can be started directly."""
+def capture_vm(base: str, data_dir: Path, image: str, marker: bytes, work: Path, memory_mb: int = 0) -> list[str]:
+    """The qemu command line the daemon runs for `image` (in `memory_mb`, or its default), with
+    its files linked into `work` (a probe instance, deleted after), so the same VM can be
+    started directly."""
     name = f"{image}-probe"
+    body: dict[str, object] = {"InstanceName": name, "ImageName": image}
+    if memory_mb:
+        body["MemoryMb"] = memory_mb
     http = api(base)
-    instance = http.post("/instances/run", json={"InstanceName": name, "ImageName": image}).json()
+    instance = http.post("/instances/run", json=body).json()
     folder = data_dir / "instances" / instance["Id"]
     try:
         wait_for_console(data_dir, instance["Id"], marker)

@@ -51,9 +51,8 @@ from boot import (
 )
 from common import EXAMPLES, RESULTS, api, tarball
 
-from unik.config import QemuProviderConfig
 from unik.models import Image, ImageRunSpec, Instance, InstanceState, now_rfc3339
-from unik.providers.qemu import boot_argv, kvm_usable
+from unik.providers.qemu import kvm_usable
 from unik.store import Record, Store
 from unik.testing import DaemonProcess, start_daemon
 
@@ -89,7 +88,7 @@ class Results:
     density_running: int = 0
     density_cap: int = 0
     density_stop_reason: str = ""
-    density_floor: dict[str, float] = field(default_factory=dict)  # the same qemu idling on a trivial init
+    density_floor: dict[str, float] = field(default_factory=dict)  # an instance's VM idling on a trivial init
     connections: int = 0
     load_seconds: int = 0
     notes: list[str] = field(default_factory=list)
@@ -283,13 +282,15 @@ def qemu_memory(pid: int, guest_mb: int) -> dict[str, float]:
 def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) -> None:
     memory = 64
     archive = tarball(EXAMPLES / "c-hello")
-    _, image = build(base, "c", "hello", archive)
+    build(base, "c", "hello", archive)
     started: list[str] = []
     out.density_cap = cap
     # Started first, so it has idled at least as long as any instance when all are measured
     # (qemu's memory still shrinks for a while after boot), and measured with them, so the
     # shared pages (qemu's binary and libraries, the kernel file) are split the same way.
-    with idle_floor(data_dir.parent, data_dir / "images" / image["Id"] / "kernel", memory) as floor_pid:
+    work = data_dir.parent
+    vm = capture_vm(base, data_dir, "hello", HELLO_LINE, work, memory_mb=memory)
+    with idle_floor(work, with_initrd(vm, floor_initrd(work, stay_up=True))) as floor_pid:
         try:
             for n in range(cap):
                 name = f"dense-{n:02d}"
@@ -326,18 +327,16 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
 
 
 @contextlib.contextmanager
-def idle_floor(work: Path, image_kernel: Path, memory_mb: int) -> Iterator[int]:
-    """P5's floor, running for the duration of the block (yields its pid): the same qemu, kernel
-    and machine idling on a trivial init. It boots a link to the image's own kernel file, so its
-    pages are shared as the instances' are, and daemonizes as they do (a daemonized qemu keeps
-    ~10 MiB less resident than one started in the foreground)."""
-    kernel = work / "floor-idle-kernel"
-    os.link(image_kernel, kernel)
-    accel = "kvm" if kvm_usable()[0] else "tcg"
+def idle_floor(work: Path, argv: list[str]) -> Iterator[int]:
+    """P5's floor, running for the duration of the block (yields its pid): an instance's own VM
+    (captured by `capture_vm`, its initrd replaced by the floor's) idling on a trivial init. Its
+    kernel is a link to the image's own file, so its pages are shared as the instances' are, and
+    it daemonizes as they do (a daemonized qemu keeps ~10 MiB less resident than one started in
+    the foreground)."""
     console, pidfile = work / "floor-idle.log", work / "floor-idle.pid"
-    initrd = floor_initrd(work, stay_up=True)
-    argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=memory_mb,
-                     console=console)  # fmt: skip
+    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
+    argv = [a.replace(str(folder / "console.log"), str(console)) for a in argv]
+    (folder / "ctl.sock").unlink(missing_ok=True)
     subprocess.run([*argv, "-daemonize", "-pidfile", str(pidfile)], stdin=subprocess.DEVNULL, check=True)
     pid = int(pidfile.read_text())
     try:
@@ -540,7 +539,7 @@ def floor_rows(floor: dict[str, float]) -> list[str]:
     if not floor:
         return []
     return [
-        f"| floor, whole qemu process (the same VM on a trivial init) | {floor['pss']:.1f} | {floor['rss']:.1f} |",
+        f"| floor, whole qemu process (an instance's VM on a trivial init) | {floor['pss']:.1f} | {floor['rss']:.1f} |",
         f"| floor, beyond its resident guest RAM | {floor['pss'] - floor['guest_pss']:.1f} "
         f"| {floor['rss'] - floor['guest_rss']:.1f} |",
     ]

@@ -275,6 +275,10 @@ int main(int argc, char **argv) {
     gethostname(host, sizeof host - 1);
     printf("hostname=%s\n", host);
     printf("virtio_blk=%s\n", access("/sys/module/virtio_blk", F_OK) == 0 ? "loaded" : "missing");
+    extern char **environ;
+    int envc = 0;
+    for (char **e = environ; *e; e++) envc++;
+    printf("envc=%d FILL2999=%s\n", envc, getenv("FILL2999") ? getenv("FILL2999") : "(unset)");
     const char *names[] = {"PATH", "HOME", "TERM"};
     for (int i = 0; i < 3; i++) printf("%s=%s\n", names[i], getenv(names[i]) ? getenv(names[i]) : "(unset)");
     FILE *tmp = fopen("/tmp/probe", "w");
@@ -389,7 +393,8 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
         vm_kernel,
         initrd,
         run_config_cpio(
-            env={"GREETING": "hi"},
+            # ~150 KB of environment: more than init's boot arena, so its heap fallback runs too.
+            env={"GREETING": "hi", **{f"FILL{i:04d}": "x" * 40 for i in range(3000)}},
             args=["one", "two words"],
             hostname="guest1",
             net={"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"},
@@ -409,6 +414,7 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
         "BAKED=yes",
         "hostname=guest1",
         "virtio_blk=loaded",
+        "envc=3004 FILL2999=" + "x" * 40,  # the fillers, GREETING, BAKED, PATH and HOME
         "PATH=/unik:/bin:/usr/bin",
         "HOME=/",
         "TERM=(unset)",  # the kernel gives init TERM=linux: it is not the app's

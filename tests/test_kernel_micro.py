@@ -14,7 +14,7 @@ def test_fragment_is_packaged_and_asks_for_what_init_needs() -> None:
     options = fragment_options(MICRO_CONFIG.read_text())
     # What src/unik/guest/init.c and the qemu provider rely on, built in.
     needed = (
-        "PVH VIRTIO_PCI VIRTIO_BLK VIRTIO_NET VIRTIO_CONSOLE HOTPLUG_PCI_ACPI EXT4_FS EXT4_USE_FOR_EXT2 VFAT_FS "
+        "PVH VIRTIO_PCI VIRTIO_BLK VIRTIO_NET HOTPLUG_PCI_ACPI EXT4_FS EXT4_USE_FOR_EXT2 VFAT_FS SERIAL_8250 "
         "NLS_CODEPAGE_437 NLS_UTF8 NLS_ASCII DEVTMPFS TMPFS PROC_SYSCTL SERIO_I8042 KEYBOARD_ATKBD VT X86_IOPL_IOPERM"
     )
     for name in needed.split():

@@ -172,8 +172,10 @@ def capture_vm(base: str, data_dir: Path, image: str, marker: bytes, work: Path,
         argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
         own = work / f"direct-{image}"
         own.mkdir()
-        for file in ("kernel", "boot.initrd"):
-            os.link(folder / file, own / file)
+        # The boot initrd, or for a big image its own initrd plus the run archive (fw_cfg).
+        for file in ("kernel", "boot.initrd", "image.initrd", "run.cpio"):
+            if (folder / file).exists():
+                os.link(folder / file, own / file)
     finally:
         http.delete(f"/instances/{name}", params={"force": "true"})
     direct: list[str] = []

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from unik.guest import EXIT_LINE, CpioWriter, assemble_initrd, ensure_init_binary, run_config_cpio
+from unik.guest import (
+    EXIT_LINE,
+    FW_CFG_RUN_ARCHIVE,
+    CpioWriter,
+    assemble_initrd,
+    ensure_init_binary,
+    run_config_cpio,
+)
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
 
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
@@ -337,11 +344,17 @@ def _build_image(
 
 
 def _boot(
-    workdir: Path, kernel: Kernel, initrd: Path, run_config: bytes, *, qmp: Path | None = None
+    workdir: Path, kernel: Kernel, initrd: Path, run_config: bytes, *, qmp: Path | None = None, fw_cfg: bool = False
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    boot_initrd = workdir / "boot.cpio"
-    # What the host does at each boot: the image's archive, then the per-boot one.
-    boot_initrd.write_bytes(initrd.read_bytes() + run_config)
+    """What the host does at each boot: the image's archive, then the per-boot one after it, or
+    (`fw_cfg`, a big image's way) the image's archive alone and the per-boot one through fw_cfg."""
+    run_archive = workdir / "run.cpio"
+    if fw_cfg:
+        run_archive.write_bytes(run_config)
+        boot_initrd = initrd
+    else:
+        boot_initrd = workdir / "boot.cpio"
+        boot_initrd.write_bytes(initrd.read_bytes() + run_config)
     log = workdir / "console.log"
     cmd = [
         "qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "128",
@@ -354,6 +367,8 @@ def _boot(
     ]  # fmt: skip
     if qmp is not None:
         cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if fw_cfg:
+        cmd += ["-fw_cfg", f"name={FW_CFG_RUN_ARCHIVE},file={run_archive}"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), log
 
 
@@ -381,16 +396,13 @@ def _console_lines(log: Path) -> list[str]:
     return [line.rstrip("\r") for line in log.read_bytes().decode(errors="replace").split("\n")]
 
 
-@pytest.mark.vm
-def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Path) -> None:
-    initrd = _build_image(
-        short_tmp, vm_kernel, APP_PRINT,
-        modules=["virtio_blk", "virtio_net", "virtio_pci", "virtio_console"], env={"BAKED": "yes", "GREETING": "baked"},
-    )  # fmt: skip
+def _boot_app_print(tmp: Path, kernel: Kernel, modules: list[str], *, fw_cfg: bool = False) -> None:
+    """APP_PRINT booted with a run config: what it prints is what init gave it."""
+    initrd = _build_image(tmp, kernel, APP_PRINT, modules=modules, env={"BAKED": "yes", "GREETING": "baked"})
     deadline = time.monotonic() + BOOT_DEADLINE
     proc, log = _boot(
-        short_tmp,
-        vm_kernel,
+        tmp,
+        kernel,
         initrd,
         run_config_cpio(
             # ~150 KB of environment: more than init's boot arena, so its heap fallback runs too.
@@ -399,6 +411,7 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
             hostname="guest1",
             net={"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"},
         ),
+        fw_cfg=fw_cfg,
     )
     try:
         code = _wait_exit(proc, deadline)
@@ -412,14 +425,14 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
         "argv[2]=two words",
         "GREETING=hi",
         "BAKED=yes",
-        "hostname=guest1",
-        "virtio_blk=loaded",
         "envc=3004 FILL2999=" + "x" * 40,  # the fillers, GREETING, BAKED, PATH and HOME
         "PATH=/unik:/bin:/usr/bin",
         "HOME=/",
         "TERM=(unset)",  # the kernel gives init TERM=linux: it is not the app's
         "tmp=writable",
         "resolv=nameserver 10.0.2.3",
+        "hostname=guest1",
+        "virtio_blk=loaded",
         "unik: exit status 3",
     ]:
         assert expected in lines, f"{expected!r} missing from console:\n" + "\n".join(lines)
@@ -427,6 +440,23 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
     matches = EXIT_LINE.findall(log.read_bytes())
     assert matches == [(b"exit status", b"3")]
     assert code == (3 << 1) | 1, (proc.stdout.read() if proc.stdout else b"").decode(errors="replace")
+
+
+@pytest.mark.vm
+def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Path) -> None:
+    _boot_app_print(short_tmp, vm_kernel, ["virtio_blk", "virtio_net", "virtio_pci", "virtio_console"])
+
+
+@pytest.mark.vm
+def test_run_config_through_fw_cfg(vm_kernel: Kernel, short_tmp: Path) -> None:
+    """A big image's way: the image's own initrd, the run archive as a fw_cfg file init unpacks."""
+    try:
+        micro = load(default_kernel_root(), "micro")
+    except FileNotFoundError:
+        pytest.skip("no micro kernel built: run `make setup`")
+    if "\nCONFIG_FW_CFG_SYSFS=y\n" not in (micro.root / "config").read_text():
+        pytest.skip("this micro kernel has no fw_cfg in sysfs")
+    _boot_app_print(short_tmp, micro, [], fw_cfg=True)
 
 
 async def _ctrl_alt_del(sock: Path) -> None:

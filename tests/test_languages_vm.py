@@ -7,15 +7,23 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, free_port, requires_vm
+from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm
 from unik.client import UnikClient
 from unik.compilers import CompilerRegistry
+from unik.kernel import default_kernel_root, load
+from unik.providers.qemu import SHARED_INITRD_MIN_BYTES
 
 pytestmark = [pytest.mark.vm, requires_vm]
 
 # Boot to "listening" under TCG on a busy 2-core host; the JVM and CPython are the slow ones.
 BOOT_TIMEOUT = {"go": 60.0, "cpp": 60.0, "rust": 60.0, "python": 90.0, "nodejs": 120.0, "java": 150.0}
 AVAILABLE = set(CompilerRegistry(["qemu"]).available())
+
+
+def _micro_kernel_reads_fw_cfg() -> bool:
+    """The daemon's default kernel is the micro one; with fw_cfg in sysfs, big images share their initrd."""
+    kernel = load(default_kernel_root(), "micro")
+    return "\nCONFIG_FW_CFG_SYSFS=y\n" in (kernel.root / "config").read_text()
 
 
 def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
@@ -32,18 +40,25 @@ def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float)
 
 
 @pytest.mark.parametrize("lang", list(BOOT_TIMEOUT))
-def test_http_example_answers_through_a_published_port(client: UnikClient, lang: str) -> None:
+def test_http_example_answers_through_a_published_port(client: UnikClient, daemon: Daemon, lang: str) -> None:
     if f"linux-{lang}-qemu" not in AVAILABLE:
         pytest.skip(f"no {lang} toolchain on this host (`make setup` installs it)")
     image = client.images.build(f"{lang}-http", EXAMPLES / f"{lang}-http", "linux", lang, "qemu")
     assert image.RunSpec.Compiler == f"linux-{lang}-qemu"
     port = free_port()
-    client.instances.run(
+    instance = client.instances.run(
         f"{lang}-1",
         f"{lang}-http",
         env={"KEY": f"value for {lang}"},
         ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
     )
+    folder = daemon.data_dir / "instances" / instance.Id
+    if (folder / "image.initrd").stat().st_size >= SHARED_INITRD_MIN_BYTES and _micro_kernel_reads_fw_cfg():
+        # A big image boots its own initrd file; the run config (KEY below) came through fw_cfg.
+        assert (folder / "run.cpio").is_file() and not (folder / "boot.initrd").exists()
+        assert (folder / "image.initrd").samefile(daemon.data_dir / "images" / image.Id / "initrd")
+    else:
+        assert (folder / "boot.initrd").is_file() and not (folder / "run.cpio").exists()
     _wait_for_line(client, f"{lang}-1", "listening on", BOOT_TIMEOUT[lang])
     base = f"http://127.0.0.1:{port}"
     ping = httpx.get(f"{base}/ping_test", timeout=30)

@@ -3,7 +3,9 @@
 An image's initrd is an uncompressed cpio ``newc`` archive written here without root (device
 nodes are just archive entries) and reproducibly (mtime 0, uid/gid 0, sorted walk). At each boot
 the host concatenates a second, tiny archive (``run_config_cpio``) after it; the kernel unpacks
-both, the second on top of the first.
+both, the second on top of the first. A big image's instances instead all boot the image's own
+initrd file, and each gets its run archive as the qemu fw_cfg file ``FW_CFG_RUN_ARCHIVE``,
+which init unpacks the same way before it reads anything from it (kernels with fw_cfg in sysfs).
 
 Guest protocol (read by init.c, PID 1)::
 
@@ -52,11 +54,15 @@ from typing import BinaryIO
 
 __all__ = [
     "EXIT_LINE",
+    "FW_CFG_RUN_ARCHIVE",
     "CpioWriter",
     "assemble_initrd",
     "ensure_init_binary",
     "run_config_cpio",
 ]
+
+# The fw_cfg name of a boot's run archive; init.c reads it under /sys/firmware/qemu_fw_cfg/by_name.
+FW_CFG_RUN_ARCHIVE = "opt/unik/run"
 
 # Matches init's final console line; the serial tty turns "\n" into "\r\n".
 EXIT_LINE = re.compile(rb"^unik: (exit status|killed by signal) (\d+)\r?$", re.MULTILINE)

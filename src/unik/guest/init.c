@@ -197,6 +197,57 @@ static void load_env(const char *path, struct words *env)
 		put_env(env, pairs.at[i]);
 }
 
+/*
+ * The run archive through qemu's fw_cfg. The instances of a big image all boot the image's own
+ * initrd file (shared, never copied); each then gets its run archive, the same newc cpio the
+ * host otherwise appends to a copy of that initrd, as the fw_cfg file opt/unik/run. Init
+ * unpacks it as the kernel would have: directories and regular files, nothing else.
+ */
+#define FW_CFG_RUN_ARCHIVE "/sys/firmware/qemu_fw_cfg/by_name/opt/unik/run/raw"
+#define CPIO_HEADER_LEN 110
+
+static unsigned long cpio_field(const char *header, int index)
+{
+	char hex[9];
+	memcpy(hex, header + 6 + 8 * index, 8); /* after the 6-byte magic, 8 hex digits each */
+	hex[8] = '\0';
+	return strtoul(hex, NULL, 16);
+}
+
+static void unpack_run_archive(void)
+{
+	size_t len;
+	char *data = slurp(FW_CFG_RUN_ARCHIVE, &len);
+	if (!data)
+		return;
+	size_t at = 0;
+	while (at + CPIO_HEADER_LEN <= len && memcmp(data + at, "070701", 6) == 0) {
+		const char *header = data + at;
+		unsigned long mode = cpio_field(header, 1), size = cpio_field(header, 6);
+		unsigned long name_len = cpio_field(header, 11);
+		size_t body = (at + CPIO_HEADER_LEN + name_len + 3) & ~(size_t)3;
+		if (name_len == 0 || body > len || size > len - body || header[CPIO_HEADER_LEN + name_len - 1] != '\0')
+			break;
+		const char *name = header + CPIO_HEADER_LEN;
+		if (strcmp(name, "TRAILER!!!") == 0)
+			break;
+		char path[512];
+		snprintf(path, sizeof path, "/%s", name);
+		if (S_ISDIR(mode)) {
+			if (mkdir(path, mode & 07777) < 0 && errno == EEXIST)
+				chmod(path, mode & 07777);
+		} else if (S_ISREG(mode)) {
+			int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode & 07777);
+			if (fd < 0 || write(fd, data + body, size) != (ssize_t)size)
+				say("unik: cannot write %s from the run archive: %s\n", path, strerror(errno));
+			if (fd >= 0)
+				close(fd);
+		}
+		at = (body + size + 3) & ~(size_t)3;
+	}
+	drop(data);
+}
+
 static void mount_fs(const char *type, const char *dir, const char *data)
 {
 	mkdir(dir, 0755);
@@ -740,6 +791,7 @@ int main(void)
 		console = fd;
 	mount_fs("proc", "/proc", NULL);
 	mount_fs("sysfs", "/sys", NULL);
+	unpack_run_archive();
 	/* Early: what the host sends before the port is open is lost (see open_control). */
 	int ctl = open_control();
 

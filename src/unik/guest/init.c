@@ -232,8 +232,9 @@ static void unpack_run_archive(void)
 		if (strcmp(name, "TRAILER!!!") == 0)
 			break;
 		char path[512];
-		snprintf(path, sizeof path, "/%s", name);
-		if (S_ISDIR(mode)) {
+		if (snprintf(path, sizeof path, "/%s", name) >= (int)sizeof path) {
+			say("unik: run archive entry name too long: %.64s...\n", name);
+		} else if (S_ISDIR(mode)) {
 			if (mkdir(path, mode & 07777) < 0 && errno == EEXIST)
 				chmod(path, mode & 07777);
 		} else if (S_ISREG(mode)) {

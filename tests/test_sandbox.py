@@ -55,6 +55,25 @@ def test_a_build_that_pokes_at_the_daemon_fails_with_its_own_words(api: TestClie
     assert api.get("/images").json() == []
 
 
+def test_a_build_reads_no_host_secret(api: TestClient) -> None:
+    """The host is visible read-only, but not its secrets: a C file that includes /etc/shadow
+    compiles against an empty file instead of having the compiler quote it back."""
+    assert Path("/etc/shadow").stat().st_size > 0
+    response = build(api, "include-shadow", {"main.c": '#include "/etc/shadow"\n' + MAIN_C})
+    assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+    recipe = makefile("test ! -s /etc/shadow", "test -z \"$$(ls -A /root/.ssh 2>/dev/null)\"")
+    response = build(api, "read-shadow", {"main.c": MAIN_C, "Makefile": recipe})
+    assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+
+
+def test_a_build_gets_none_of_the_daemons_secret_environment(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNIK_AUTH_TOKEN", "s3cret-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    recipe = makefile("env | grep -q s3cret && exit 1 || true", 'test -n "$$PATH"')
+    response = build(api, "env-secrets", {"main.c": MAIN_C, "Makefile": recipe})
+    assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     "plant",
     [

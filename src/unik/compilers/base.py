@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
@@ -73,6 +74,14 @@ class Sandbox:
     def wrap(self, argv: list[str], cwd: Path) -> list[str]:
         wrapped = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         wrapped += ["--tmpfs", str(self.hidden)]
+        secrets = _host_secrets()
+        if secrets:
+            # Files are covered by an empty one (a bound /dev/null would be nodev: EACCES).
+            empty = self.hidden / ".empty"
+            if not empty.is_file():
+                empty.touch(mode=0o444)
+            for secret in secrets:
+                wrapped += ["--tmpfs", str(secret)] if secret.is_dir() else ["--ro-bind", str(empty), str(secret)]
         for folder in self.writable:
             folder.mkdir(parents=True, exist_ok=True)
             wrapped += ["--bind", str(folder), str(folder)]
@@ -83,6 +92,29 @@ class Sandbox:
 
 
 BWRAP = "bwrap"
+
+# The host stays visible to a build (read-only), since toolchains live under /usr, /opt and home
+# folders (pyenv, rustup); these secrets do not: a C file can `#include "/etc/shadow"` and the
+# compiler quotes it back in its error, and `.incbin` would put a whole file into the image.
+SECRET_PATHS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/ssh")
+HOME_SECRETS = (
+    ".ssh", ".gnupg", ".aws", ".unik", ".docker", ".kube", ".netrc", ".git-credentials", ".npmrc", ".pypirc",
+    ".config/gcloud", ".cargo/credentials", ".cargo/credentials.toml",
+)  # fmt: skip
+# Environment variables of the daemon a build does not get (the API token, cloud keys, ...).
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|^UNIK_", re.IGNORECASE)
+
+
+def _host_secrets() -> list[Path]:
+    homes = [Path("/root"), *sorted(Path("/home").glob("*"))]
+    candidates = [Path(p) for p in SECRET_PATHS] + [home / name for home in homes for name in HOME_SECRETS]
+    return [path for path in candidates if path.exists() and not path.is_symlink()]
+
+
+def build_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment without its secrets, plus a tool's own variables."""
+    inherited = {key: value for key, value in os.environ.items() if not SECRET_ENV.search(key)}
+    return {**inherited, **(extra or {})}
 # Set by the manager around a build; run_tool reads it, so compilers need not know.
 build_sandbox: ContextVar[Sandbox | None] = ContextVar("build_sandbox", default=None)
 
@@ -110,7 +142,7 @@ async def run_tool(argv: list[str], *, cwd: Path, timeout: float, env: dict[str,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env=build_environment(env) if sandbox is not None else {**os.environ, **(env or {})},
         start_new_session=True,
     )
     try:

@@ -115,6 +115,8 @@ def build_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment without its secrets, plus a tool's own variables."""
     inherited = {key: value for key, value in os.environ.items() if not SECRET_ENV.search(key)}
     return {**inherited, **(extra or {})}
+
+
 # Set by the manager around a build; run_tool reads it, so compilers need not know.
 build_sandbox: ContextVar[Sandbox | None] = ContextVar("build_sandbox", default=None)
 

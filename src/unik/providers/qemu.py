@@ -203,20 +203,19 @@ class QemuProvider(Provider):
             mounts=[(v.serial, v.mount, _guest_fs_type(v.fs_type)) for v in spec.volumes],
             net=self.network.guest_config(spec.address),
         )
-        shared = self._shares_image_initrd(Path(spec.kernel), image_initrd)
-        if shared:
+        fw_cfg_archive: Path | None = None
+        if self._shares_image_initrd(Path(spec.kernel), image_initrd):
             _write_new(run_archive, run_config)
             boot_initrd.unlink(missing_ok=True)
+            initrd, fw_cfg_archive = image_initrd, run_archive
         else:
             _concat(image_initrd, run_config, boot_initrd)
             run_archive.unlink(missing_ok=True)
+            initrd = boot_initrd
         for stale in (self._pidfile(instance_id), self._qmp_path(instance_id), self._ctl_path(instance_id),
                       folder / "gdb.port"):  # fmt: skip
             stale.unlink(missing_ok=True)
-        if shared:
-            argv = self._command(instance_id, kernel, image_initrd, spec, run_archive)
-        else:
-            argv = self._command(instance_id, kernel, boot_initrd, spec, None)
+        argv = self._command(instance_id, kernel, initrd, spec, fw_cfg_archive)
         self.network.prepare(instance_id)
         return argv
 

@@ -454,7 +454,7 @@ def test_run_config_through_fw_cfg(vm_kernel: Kernel, short_tmp: Path) -> None:
         micro = load(default_kernel_root(), "micro")
     except FileNotFoundError:
         pytest.skip("no micro kernel built: run `make setup`")
-    if "\nCONFIG_FW_CFG_SYSFS=y\n" not in (micro.root / "config").read_text():
+    if not micro.builds_in("CONFIG_FW_CFG_SYSFS"):
         pytest.skip("this micro kernel has no fw_cfg in sysfs")
     _boot_app_print(short_tmp, micro, [], fw_cfg=True)
 

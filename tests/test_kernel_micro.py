@@ -83,3 +83,13 @@ def test_build_micro_returns_the_cached_kernel_without_building(
 
 def test_the_build_key_follows_the_source_version() -> None:
     assert kernel_mod._micro_key("6.1.192-3") != kernel_mod._micro_key("6.1.193-1")
+
+
+def test_builds_in_reads_the_kernels_config(tmp_path: Path) -> None:
+    (tmp_path / "config").write_text("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\n")
+    kernel = Kernel(version="x", root=tmp_path)
+    assert kernel.builds_in("CONFIG_A")
+    assert not kernel.builds_in("CONFIG_B")  # a module is not built in
+    assert not kernel.builds_in("CONFIG_C")
+    assert not kernel.builds_in("CONFIG_D")
+    assert not Kernel(version="y", root=tmp_path / "none").builds_in("CONFIG_A")

@@ -22,8 +22,7 @@ AVAILABLE = set(CompilerRegistry(["qemu"]).available())
 
 def _micro_kernel_reads_fw_cfg() -> bool:
     """The daemon's default kernel is the micro one; with fw_cfg in sysfs, big images share their initrd."""
-    kernel = load(default_kernel_root(), "micro")
-    return "\nCONFIG_FW_CFG_SYSFS=y\n" in (kernel.root / "config").read_text()
+    return load(default_kernel_root(), "micro").builds_in("CONFIG_FW_CFG_SYSFS")
 
 
 def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:

@@ -40,7 +40,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 META_PACKAGE = "linux-image-cloud-amd64"
@@ -127,6 +127,10 @@ class Kernel:
 
     def is_complete(self) -> bool:
         return self.vmlinux.is_file() and self.bzimage.is_file() and (self.modules_dir / "modules.dep").is_file()
+
+    def builds_in(self, option: str) -> bool:
+        """Whether this kernel's .config has `option` built in (`=y`; a module is not)."""
+        return _config_options(self.root / "config").get(option) == "y"
 
     # cached_property needs a __dict__, which a frozen dataclass still has.
     @cached_property
@@ -338,6 +342,15 @@ def fragment_options(text: str) -> dict[str, str | None]:
         elif m := re.fullmatch(r"# (CONFIG_\w+) is not set", line):
             options[m.group(1)] = None
     return options
+
+
+@cache
+def _config_options(config: Path) -> dict[str, str | None]:
+    """A kernel's .config, read once: a kernel's folder is named by its version and never changes."""
+    try:
+        return fragment_options(config.read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def _check_config(fragment: str, final: str) -> None:

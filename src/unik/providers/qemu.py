@@ -229,7 +229,7 @@ class QemuProvider(Provider):
             return False
         try:
             kernel = self.kernel()
-            return image_kernel.samefile(kernel.vmlinux) and _built_in(kernel.root / "config", "CONFIG_FW_CFG_SYSFS")
+            return image_kernel.samefile(kernel.vmlinux) and kernel.builds_in("CONFIG_FW_CFG_SYSFS")
         except (UnikError, OSError):
             return False
 
@@ -512,12 +512,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     tmp.rename(target)
-
-
-@functools.cache
-def _built_in(config: Path, option: str) -> bool:
-    """Whether a kernel's .config builds `option` in (cached: a kernel's files never change)."""
-    return f"\n{option}=y\n" in "\n" + config.read_text()
 
 
 def _write_new(target: Path, data: bytes) -> None:

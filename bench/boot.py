@@ -131,14 +131,23 @@ def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int
     """The same qemu, machine and kernel, a trivial init, started directly: launch → its line."""
     console = work / f"floor-{round_no}.log"
     argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=128, console=console)
+    return time_to_line(argv, console, FLOOR_LINE, "the floor VM")
+
+
+def time_to_line(argv: list[str], console: Path, marker: bytes, what: str) -> float:
+    """Start qemu in the foreground → `marker` on its console file; killed after."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while time.perf_counter() - started < DEADLINE:
-            if console.exists() and FLOOR_LINE in console.read_bytes():
-                return time.perf_counter() - started
+            exited = proc.poll() is not None  # asked first: a VM may print its line, then stop
+            with contextlib.suppress(OSError):
+                if marker in console.read_bytes():
+                    return time.perf_counter() - started
+            if exited:
+                break
             time.sleep(0.005)
-        raise RuntimeError("the floor VM never printed its line")
+        raise RuntimeError(f"{what} never printed {marker!r}")
     finally:
         proc.kill()
         proc.wait()
@@ -196,26 +205,17 @@ def with_initrd(argv: list[str], initrd: Path) -> list[str]:
     return [*argv[:at], str(initrd), *argv[at + 1 :]]
 
 
+def with_console(argv: list[str], console: Path) -> list[str]:
+    """A captured VM writing its console to `console`, its stale control socket gone."""
+    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
+    (folder / "ctl.sock").unlink(missing_ok=True)
+    return [a.replace(str(folder / "console.log"), str(console)) for a in argv]
+
+
 def boot_direct(argv: list[str], marker: bytes, tag: str, work: Path) -> float:
     """A captured VM started directly (no API, no -daemonize) → `marker` on its console."""
     console = work / f"{tag}.log"
-    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
-    argv = [a.replace(str(folder / "console.log"), str(console)) for a in argv]
-    (folder / "ctl.sock").unlink(missing_ok=True)
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while time.perf_counter() - started < DEADLINE:
-            with contextlib.suppress(OSError):
-                if marker in console.read_bytes():
-                    return time.perf_counter() - started
-            if proc.poll() is not None:
-                break
-            time.sleep(0.005)
-        raise RuntimeError(f"{tag}: the directly started VM never printed {marker!r}")
-    finally:
-        proc.kill()
-        proc.wait()
+    return time_to_line(with_console(argv, console), console, marker, f"{tag}: the directly started VM")
 
 
 def row(label: str, ours: list[float], floor: list[float]) -> str:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from boot import time_to_line
 from common import api, daemon, publish, tarball
 
 from unik import guest
@@ -138,17 +139,7 @@ def boot_direct(kernel: Kernel, initrd: Path, accel: str, work: Path, tag: str, 
     argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel.vmlinux, initrd=boot, memory_mb=128, console=console)
     if with_nic:
         argv += ["-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac_address(tag)}"]
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while time.perf_counter() - started < DEADLINE:
-            if console.exists() and HELLO_FIRST_LINE in console.read_bytes():
-                return time.perf_counter() - started
-            time.sleep(0.005)
-        raise RuntimeError(f"{tag}: the VM never printed its first line")
-    finally:
-        proc.kill()
-        proc.wait()
+    return time_to_line(argv, console, HELLO_FIRST_LINE, f"{tag}: the VM")
 
 
 def median_row(label: str, values: list[float]) -> str:

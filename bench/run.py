@@ -48,6 +48,7 @@ from boot import (
     capture_vm,
     floor_initrd,
     wait_for_console,
+    with_console,
     with_initrd,
 )
 from common import EXAMPLES, RESULTS, api, tarball
@@ -344,10 +345,8 @@ def idle_floor(work: Path, argv: list[str]) -> Iterator[int]:
     it daemonizes as they do (a daemonized qemu keeps ~10 MiB less resident than one started in
     the foreground)."""
     console, pidfile = work / "floor-idle.log", work / "floor-idle.pid"
-    folder = Path(next(a for a in argv if a.endswith("/kernel"))).parent
-    argv = [a.replace(str(folder / "console.log"), str(console)) for a in argv]
-    (folder / "ctl.sock").unlink(missing_ok=True)
-    subprocess.run([*argv, "-daemonize", "-pidfile", str(pidfile)], stdin=subprocess.DEVNULL, check=True)
+    daemonized = [*with_console(argv, console), "-daemonize", "-pidfile", str(pidfile)]
+    subprocess.run(daemonized, stdin=subprocess.DEVNULL, check=True)
     pid = int(pidfile.read_text())
     try:
         deadline = time.monotonic() + DEADLINE

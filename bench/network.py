@@ -136,7 +136,9 @@ def boot_direct(kernel: Kernel, initrd: Path, accel: str, work: Path, tag: str, 
         shutil.copyfileobj(src, out)
         out.write(run_config)
     console = work / f"{tag}.log"
-    argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel.vmlinux, initrd=boot, memory_mb=128, console=console)
+    # The cloud kernel (its modules are what this compares), with the firmware that boots it.
+    config = QemuProviderConfig(kernel="cloud")
+    argv = boot_argv(config, accel, kernel=kernel.vmlinux, initrd=boot, memory_mb=128, console=console)
     if with_nic:
         argv += ["-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac_address(tag)}"]
     return time_to_line(argv, console, HELLO_FIRST_LINE, f"{tag}: the VM")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from unik.config import QemuProviderConfig
 from unik.guest import (
     EXIT_LINE,
     FW_CFG_RUN_ARCHIVE,
@@ -23,6 +24,7 @@ from unik.guest import (
     run_config_cpio,
 )
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
+from unik.providers.qemu import boot_argv
 
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
 needs_musl = pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="needs musl-gcc (musl-tools)")
@@ -457,6 +459,27 @@ def test_run_config_through_fw_cfg(vm_kernel: Kernel, short_tmp: Path) -> None:
     if not micro.builds_in("CONFIG_FW_CFG_SYSFS"):
         pytest.skip("this micro kernel has no fw_cfg in sysfs")
     _boot_app_print(short_tmp, micro, [], fw_cfg=True)
+
+
+@pytest.mark.vm
+def test_the_providers_machine_boots_the_cloud_kernel(vm_kernel: Kernel, short_tmp: Path) -> None:
+    """boot_argv for `kernel: cloud` (its default firmware: qboot never reaches that kernel)."""
+    initrd = _build_image(short_tmp, vm_kernel, APP_PRINT, modules=["virtio_blk"])
+    boot_initrd = short_tmp / "boot.cpio"
+    boot_initrd.write_bytes(initrd.read_bytes() + run_config_cpio(env={"GREETING": "cloud"}))
+    log = short_tmp / "console.log"
+    config = QemuProviderConfig(kernel="cloud")
+    argv = boot_argv(config, "tcg", kernel=vm_kernel.vmlinux, initrd=boot_initrd, memory_mb=128, console=log)
+    assert "qboot.rom" not in argv
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_exit(proc, time.monotonic() + BOOT_DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "GREETING=cloud" in _console_lines(log)
+    assert "qboot.rom" in boot_argv(QemuProviderConfig(), "tcg", kernel=vm_kernel.vmlinux, initrd=boot_initrd,
+                                    memory_mb=128, console=log)  # fmt: skip
 
 
 async def _ctrl_alt_del(sock: Path) -> None:

@@ -48,7 +48,9 @@ class QemuProviderConfig(BaseModel):
     kernel: Literal["cloud", "micro"] = "micro"
     # The VM's firmware. qboot (shipped with qemu) only sets up what booting Linux needs; under
     # TCG it reaches the kernel ~0.06-0.09 s sooner than qemu's default, SeaBIOS ("seabios").
-    firmware: Literal["qboot", "seabios"] = "qboot"
+    # qboot never reaches Debian's cloud kernel (it hangs silently), so "auto" is qboot with
+    # the micro kernel and SeaBIOS with the cloud one.
+    firmware: Literal["auto", "qboot", "seabios"] = "auto"
     # Under TCG, qemu's translated-code cache: it fills during boot and stays resident. None
     # sizes it by the guest's RAM (1/8, at least 16 MiB: ~6 MiB per small instance off the host;
     # a JVM at 352 MB boots in 6.5 s with 16 MiB, 3.0 s with 32); 0 is qemu's default (1 GiB).

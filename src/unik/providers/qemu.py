@@ -437,7 +437,7 @@ def boot_argv(
         "-accel", _accel_option(config, accel, memory_mb),
         "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        *(["-bios", "qboot.rom"] if config.firmware == "qboot" else []),
+        *(["-bios", "qboot.rom"] if _firmware(config) == "qboot" else []),
         "-kernel", str(kernel),
         "-initrd", str(initrd),
         "-append", " ".join([*BOOT_ARGS, *_tsc_hint(accel), config.kernel_cmdline]).strip(),
@@ -445,6 +445,12 @@ def boot_argv(
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]  # fmt: skip
+
+
+def _firmware(config: QemuProviderConfig) -> str:
+    if config.firmware != "auto":
+        return config.firmware
+    return "qboot" if config.kernel == "micro" else "seabios"
 
 
 def _accel_option(config: QemuProviderConfig, accel: str, memory_mb: int) -> str:

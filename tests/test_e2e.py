@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import EXAMPLES, Daemon, requires_vm
 from unik.client import UnikAPIError, UnikClient
+from unik.kernel import default_kernel_root
+from unik.kernel import load as load_kernel
 
 pytestmark = [pytest.mark.vm, requires_vm]
 
@@ -139,6 +141,25 @@ def test_daemon_restart_readopts_running_vm(client: UnikClient, daemon: Daemon) 
         again.instances.start("survivor")
         assert state(again, "survivor") == "running"
         again.instances.delete("survivor", force=True)
+
+
+def test_an_image_keeps_booting_on_its_own_kernel_after_the_config_changes(daemon: Daemon) -> None:
+    """Built with `kernel: cloud`, run after the config went back to micro: the firmware follows
+    the image's kernel (qboot, micro's firmware, never reaches the cloud kernel)."""
+    try:
+        load_kernel(default_kernel_root(), "cloud")
+    except FileNotFoundError:
+        pytest.skip("no cloud kernel fetched: run `make setup`")
+    daemon.stop()
+    daemon.start("providers: {qemu: [{kernel: cloud}]}\n")
+    with UnikClient(daemon.host) as on_cloud:
+        on_cloud.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+    daemon.stop()
+    daemon.start("providers: {qemu: [{kernel: micro}]}\n")
+    with UnikClient(daemon.host) as on_micro:
+        on_micro.instances.run("old", "hello", env={"GREETING": "cloud kernel"})
+        wait_for("the app", lambda: "hello from unik: cloud kernel" in on_micro.instances.logs("old"))
+        on_micro.instances.delete("old", force=True)
 
 
 def test_cli_walkthrough(daemon: Daemon, tmp_path: Path) -> None:

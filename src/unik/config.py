@@ -49,7 +49,7 @@ class QemuProviderConfig(BaseModel):
     # The VM's firmware. qboot (shipped with qemu) only sets up what booting Linux needs; under
     # TCG it reaches the kernel ~0.06-0.09 s sooner than qemu's default, SeaBIOS ("seabios").
     # qboot never reaches Debian's cloud kernel (it hangs silently), so "auto" is qboot with
-    # the micro kernel and SeaBIOS with the cloud one.
+    # the micro kernel and SeaBIOS with the cloud one, by the kernel each image was built with.
     firmware: Literal["auto", "qboot", "seabios"] = "auto"
     # Under TCG, qemu's translated-code cache: it fills during boot and stays resident. None
     # sizes it by the guest's RAM (1/8, at least 16 MiB: ~6 MiB per small instance off the host;

@@ -483,6 +483,7 @@ class Manager:
             kernel=str(self.images_dir / image.id / "kernel"),
             initrd=str(self.images_dir / image.id / "initrd"),
             memory_mb=memory,
+            kernel_version=image.internal.get("kernel_version", ""),
             env=env,
             hostname=request.InstanceName,
             debug_mode=request.DebugMode,

@@ -30,6 +30,9 @@ class LaunchSpec:
     kernel: str
     initrd: str
     memory_mb: int
+    # The image's kernel release: the firmware follows the kernel the image was built with, not
+    # the config's current choice. Empty for specs stored before it was recorded.
+    kernel_version: str = ""
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] | None = None
     hostname: str = ""

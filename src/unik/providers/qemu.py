@@ -30,7 +30,7 @@ from qemu.qmp import QMPClient
 from unik import guest
 from unik.config import QemuProviderConfig
 from unik.errors import BadRequest, Conflict, UnikError
-from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
+from unik.kernel import BOOT_ARGS, MICRO_LOCALVERSION, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.providers.base import LaunchSpec, Provider, VolumeAttachment
 from unik.providers.network import HOSTFWD_FAILURE, HostNetwork, free_port
@@ -162,7 +162,7 @@ class QemuProvider(Provider):
     ) -> list[str]:
         argv = boot_argv(
             self.config, self.accel, kernel=kernel, initrd=initrd, memory_mb=spec.memory_mb,
-            console=self.console_path(instance_id),
+            console=self.console_path(instance_id), kernel_version=spec.kernel_version,
         )  # fmt: skip
         if run_archive is not None:
             argv += ["-fw_cfg", f"name={guest.FW_CFG_RUN_ARCHIVE},file={_escape(run_archive)}"]
@@ -428,7 +428,14 @@ class QemuProvider(Provider):
 
 
 def boot_argv(
-    config: QemuProviderConfig, accel: str, *, kernel: Path, initrd: Path, memory_mb: int, console: Path
+    config: QemuProviderConfig,
+    accel: str,
+    *,
+    kernel: Path,
+    initrd: Path,
+    memory_mb: int,
+    console: Path,
+    kernel_version: str = "",
 ) -> list[str]:
     """The machine every instance boots on (the benchmark boots its floor on the same one)."""
     return [
@@ -437,7 +444,7 @@ def boot_argv(
         "-accel", _accel_option(config, accel, memory_mb),
         "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        *(["-bios", "qboot.rom"] if _firmware(config) == "qboot" else []),
+        *(["-bios", "qboot.rom"] if _firmware(config, kernel_version) == "qboot" else []),
         "-kernel", str(kernel),
         "-initrd", str(initrd),
         "-append", " ".join([*BOOT_ARGS, *_tsc_hint(accel), config.kernel_cmdline]).strip(),
@@ -447,10 +454,14 @@ def boot_argv(
     ]  # fmt: skip
 
 
-def _firmware(config: QemuProviderConfig) -> str:
+def _firmware(config: QemuProviderConfig, kernel_version: str) -> str:
+    """qboot reaches the micro kernel sooner but never Debian's cloud kernel: under "auto", the
+    kernel decides, by its release when known (an image keeps the kernel it was built with),
+    else by the config's choice."""
     if config.firmware != "auto":
         return config.firmware
-    return "qboot" if config.kernel == "micro" else "seabios"
+    micro = MICRO_LOCALVERSION in kernel_version if kernel_version else config.kernel == "micro"
+    return "qboot" if micro else "seabios"
 
 
 def _accel_option(config: QemuProviderConfig, accel: str, memory_mb: int) -> str:

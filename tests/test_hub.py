@@ -23,7 +23,7 @@ from botocore.config import Config
 from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm
+from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, requires_vm
 from tests.test_e2e import wait_for
 from unik.client import UnikAPIError, UnikClient
 from unik.manager import _image_digest
@@ -321,3 +321,35 @@ def test_pulled_image_boots_like_a_built_one(client: UnikClient, s3_hub: S3Hub) 
     logs = client.instances.logs("pulled").replace("\r\n", "\n")
     assert "hello from unik: from the hub\narg 1: a\narg 2: b\n" in logs
     client.instances.delete("pulled", force=True)
+
+
+@requires_vm
+@pytest.mark.vm
+def test_a_pulled_image_boots_its_own_initrd_as_a_built_one_does(
+    api: TestClient, data_dir: Path, s3_hub: S3Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pulled image's kernel is a file of its own, but the same build as the provider's: its
+    instances boot the image's initrd itself, the run archive going in over fw_cfg."""
+    from unik.kernel import default_kernel_root, load
+    from unik.providers import qemu
+
+    if not load(default_kernel_root(), "micro").builds_in("CONFIG_FW_CFG_SYSFS"):
+        pytest.skip("this micro kernel has no fw_cfg in sysfs")
+    monkeypatch.setattr(qemu, "SHARED_INITRD_MIN_BYTES", 0)  # c-hello's initrd is small
+    hub_body = json.dumps({"URL": s3_hub.hub.url, "Username": s3_hub.hub.user, "Password": s3_hub.hub.password})
+    built = api.post(
+        "/images/hello/create",
+        params={"base": "linux", "lang": "c", "provider": "qemu"},
+        files={"tarfile": ("app.tar.gz", folder_tar_gz(EXAMPLES / "c-hello"))},
+    )
+    assert built.status_code == 201, built.text
+    assert api.post("/images/push/hello", content=hub_body).status_code == 202
+    assert api.delete("/images/hello").status_code == 204
+    assert api.post("/images/pull/hello", params={"provider": "qemu"}, content=hub_body).status_code == 202
+    ran = api.post("/instances/run", json={"InstanceName": "pulled", "ImageName": "hello", "Env": {"GREETING": "fw"}})
+    assert ran.status_code == 201, ran.text
+    folder = data_dir / "instances" / ran.json()["Id"]
+    assert not (folder / "kernel").samefile(load(default_kernel_root(), "micro").vmlinux)
+    assert (folder / "run.cpio").is_file() and not (folder / "boot.initrd").exists()
+    wait_for("the pulled app's output", lambda: "hello from unik: fw" in api.get("/instances/pulled/logs").text)
+    assert api.delete("/instances/pulled", params={"force": "true"}).status_code == 204

@@ -204,7 +204,7 @@ class QemuProvider(Provider):
             net=self.network.guest_config(spec.address),
         )
         fw_cfg_archive: Path | None = None
-        if self._shares_image_initrd(Path(spec.kernel), image_initrd):
+        if self._shares_image_initrd(spec, image_initrd):
             _write_new(run_archive, run_config)
             boot_initrd.unlink(missing_ok=True)
             initrd, fw_cfg_archive = image_initrd, run_archive
@@ -219,17 +219,23 @@ class QemuProvider(Provider):
         self.network.prepare(instance_id)
         return argv
 
-    def _shares_image_initrd(self, image_kernel: Path, image_initrd: Path) -> bool:
+    def _shares_image_initrd(self, spec: LaunchSpec, image_initrd: Path) -> bool:
         """Whether a boot can use the image's initrd file itself, its run archive going through
         fw_cfg. Worth it for big initrds: a copy per instance costs disk, page cache, ~35 ms per
         88 MB and a writeback while other VMs boot, where init's unpacking costs ~2 ms. The
-        image's kernel must be the provider's own file, whose config says fw_cfg is in sysfs
-        (the micro kernel; Debian's has it as a module): for any other, the copy."""
+        image's kernel must be a build of the provider's own, whose config says fw_cfg is in
+        sysfs (the micro kernel; Debian's has it as a module): the same release, whose name
+        carries the build key of its config, so a pulled image qualifies as a built one does.
+        For any other kernel, the copy."""
         if image_initrd.stat().st_size < SHARED_INITRD_MIN_BYTES:
             return False
         try:
             kernel = self.kernel()
-            return image_kernel.samefile(kernel.vmlinux) and kernel.builds_in("CONFIG_FW_CFG_SYSFS")
+            if spec.kernel_version:
+                same_build = spec.kernel_version == kernel.version
+            else:  # an instance recorded before the kernel's release was
+                same_build = Path(spec.kernel).samefile(kernel.vmlinux)
+            return same_build and kernel.builds_in("CONFIG_FW_CFG_SYSFS")
         except (UnikError, OSError):
             return False
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,25 @@ def test_a_build_reads_no_host_secret(api: TestClient) -> None:
     recipe = makefile("test ! -s /etc/shadow", "test -z \"$$(ls -A /root/.ssh 2>/dev/null)\"")
     response = build(api, "read-shadow", {"main.c": MAIN_C, "Makefile": recipe})
     assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+
+
+def test_a_build_reads_neither_the_daemons_config_nor_its_tls_key(data_dir: Path) -> None:
+    """Kept outside the data dir, the config file (it may hold the API token) and the TLS key
+    read as empty to a build."""
+    from unik.daemon import build_app
+
+    elsewhere = Path(tempfile.mkdtemp(prefix="unik-etc-", dir="/tmp"))
+    try:
+        key, config = elsewhere / "tls.key", elsewhere / "daemon-config.yaml"
+        key.write_text("PRIVATE KEY\n")
+        config.write_text(f"build_timeout: 300  # not for builds to read\ntls_keyfile: {key}\n")
+        recipe = makefile(f"test ! -s {config}", f"test ! -s {key}", f"test -d {elsewhere}")
+        with TestClient(build_app(data_dir, config), raise_server_exceptions=False) as api:
+            response = build(api, "no-config", {"main.c": MAIN_C, "Makefile": recipe})
+        assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+        assert config.read_text().startswith("build_timeout")
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_a_build_gets_none_of_the_daemons_secret_environment(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:

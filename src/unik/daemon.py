@@ -26,14 +26,15 @@ def default_data_dir() -> Path:
     return Path.home() / ".unik"
 
 
-def build_manager(data_dir: Path, config: DaemonConfig) -> Manager:
+def build_manager(data_dir: Path, config: DaemonConfig, config_file: Path | None = None) -> Manager:
     data_dir.mkdir(parents=True, exist_ok=True)
     providers: dict[str, Provider] = {}
     if config.qemu is not None:
         providers["qemu"] = QemuProvider(config.qemu, data_dir)
     store = Store(data_dir / "unik.db")
     compilers = CompilerRegistry(sorted(providers), config, data_dir / "cache" / "toolchains")
-    manager = Manager(config, data_dir, store, providers, compilers)
+    private = tuple(path for path in (config_file, config.tls_keyfile) if path is not None)
+    manager = Manager(config, data_dir, store, providers, compilers, private_files=private)
     manager.recover()
     return manager
 
@@ -43,7 +44,7 @@ def build_app(data_dir: Path, config_file: Path | None = None) -> FastAPI:
     config = load_daemon_config(config_file)
     if config.auth_token is None and os.environ.get("UNIK_AUTH_TOKEN"):
         config.auth_token = os.environ["UNIK_AUTH_TOKEN"]
-    return create_app(build_manager(data_dir, config))
+    return create_app(build_manager(data_dir, config, config_file))
 
 
 def _is_loopback(host: str) -> bool:

@@ -71,7 +71,10 @@ class Manager:
         store: Store,
         providers: dict[str, Provider],
         compilers: CompilerRegistry,
+        private_files: tuple[Path, ...] = (),
     ) -> None:
+        """`private_files`: host files of the daemon's own that builds must not read (its
+        config file, which may hold the API token, and its TLS key)."""
         self.config = config
         self.data_dir = data_dir
         self.store = store
@@ -88,6 +91,7 @@ class Manager:
         self.toolchain_cache = self.cache_dir / "toolchains"
         self.build_cache = BuildCache(self.cache_dir / "images")
         self.sandboxed_builds = _use_sandbox(config)
+        self.private_files = tuple(path.resolve() for path in private_files)
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
         self._creating_volumes: set[str] = set()
@@ -426,7 +430,8 @@ class Manager:
             yield
             return
         writable = (work, self.toolchain_cache)
-        token = build_sandbox.set(Sandbox(self.data_dir, writable, network=self.config.build_network))
+        sandbox = Sandbox(self.data_dir, writable, network=self.config.build_network, private=self.private_files)
+        token = build_sandbox.set(sandbox)
         try:
             yield
         finally:

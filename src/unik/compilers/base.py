@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +71,13 @@ class Sandbox:
     hidden: Path
     writable: tuple[Path, ...]
     network: bool = False
+    # The daemon's own secrets outside `hidden` (its config file, its TLS key).
+    private: tuple[Path, ...] = ()
 
     def wrap(self, argv: list[str], cwd: Path) -> list[str]:
         wrapped = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         wrapped += ["--tmpfs", str(self.hidden)]
-        secrets = _host_secrets()
+        secrets = [*_host_secrets(), *_existing(p for p in self.private if not p.is_relative_to(self.hidden.resolve()))]
         if secrets:
             # Files are covered by an empty one (a bound /dev/null would be nodev: EACCES).
             empty = self.hidden / ".empty"
@@ -107,8 +110,11 @@ SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_
 
 def _host_secrets() -> list[Path]:
     homes = [Path("/root"), *sorted(Path("/home").glob("*"))]
-    candidates = [Path(p) for p in SECRET_PATHS] + [home / name for home in homes for name in HOME_SECRETS]
-    return [path for path in candidates if path.exists() and not path.is_symlink()]
+    return _existing([Path(p) for p in SECRET_PATHS] + [home / name for home in homes for name in HOME_SECRETS])
+
+
+def _existing(paths: Iterable[Path]) -> list[Path]:
+    return [path for path in paths if path.exists() and not path.is_symlink()]
 
 
 def build_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -127,10 +127,14 @@ def floor_initrd(work: Path, *, stay_up: bool = False) -> Path:
     return initrd
 
 
-def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int) -> float:
-    """The same qemu, machine and kernel, a trivial init, started directly: launch → its line."""
+def boot_floor(kernel: Path, initrd: Path, accel: str, work: Path, round_no: int, kernel_version: str = "") -> float:
+    """The same qemu, machine and kernel, a trivial init, started directly: launch → its line.
+    `kernel_version` picks the firmware as for an image built with that kernel."""
     console = work / f"floor-{round_no}.log"
-    argv = boot_argv(QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=128, console=console)
+    argv = boot_argv(
+        QemuProviderConfig(), accel, kernel=kernel, initrd=initrd, memory_mb=128, console=console,
+        kernel_version=kernel_version,
+    )  # fmt: skip
     return time_to_line(argv, console, FLOOR_LINE, "the floor VM")
 
 
@@ -247,7 +251,7 @@ def main() -> int:
                 builds_ours.append(build_ours(base, tarball, "bench"))
                 builds_floor.append(build_floor(work))
                 boots_ours.append(boot_ours(base, "bench", f"bench-{n}"))
-                boots_floor.append(boot_floor(kernel.vmlinux, initrd, accel, work, n))
+                boots_floor.append(boot_floor(kernel.vmlinux, initrd, accel, work, n, kernel.version))
                 boots_vm_floor.append(boot_direct(vm_floor, FLOOR_LINE, f"vm-floor-{n}", work))
                 print(
                     f"round {n + 1}: boot {boots_ours[-1]:.3f} s (floor {boots_vm_floor[-1]:.3f} s, "

@@ -74,7 +74,8 @@ def main() -> int:
                     # Each kernel's floor writes its own console files: boot_floor names them by round.
                     floor_dir = work / f"floor-{flavour}"
                     floor_dir.mkdir(exist_ok=True)
-                    floor[flavour].append(boot_floor(kernels[flavour].vmlinux, initrd, accel, floor_dir, n))
+                    kernel = kernels[flavour]
+                    floor[flavour].append(boot_floor(kernel.vmlinux, initrd, accel, floor_dir, n, kernel.version))
                 print(
                     f"round {n + 1}: "
                     + ", ".join(f"{f} {ours[f][-1]:.3f} s (floor {floor[f][-1]:.3f} s)" for f in FLAVOURS),

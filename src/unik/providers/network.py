@@ -110,7 +110,10 @@ class HostNetwork:
                 netdev += f",hostfwd={port['Protocol']}:{address}:{int(port['HostPort'])}-:{int(port['GuestPort'])}"
         else:
             netdev = f"tap,id=n0,ifname={tap_name(instance_id)},script=no,downscript=no"
-        return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac_address(instance_id)}"]
+        # romfile= drops the NIC's network-boot ROM: the kernel comes from -kernel, and the ROM
+        # is 256 KiB of guest ROM each qemu keeps resident.
+        device = f"virtio-net-pci,netdev=n0,mac={mac_address(instance_id)},romfile="
+        return ["-netdev", netdev, "-device", device]
 
     def prepare(self, instance_id: str) -> None:
         """Before qemu starts: the bridge and this instance's tap (bridge mode)."""

@@ -919,6 +919,7 @@ class Manager:
             digest, size = await asyncio.to_thread(_image_digest, staging / "kernel", staging / "initrd")
         if digest != manifest.digest or (remote.digest and remote.digest != digest):
             raise BadGateway(f"the pulled image's digest {digest} does not match the hub's {manifest.digest}")
+        await asyncio.to_thread(_share_kernel, staging / "kernel", provider)
         hub.require_provider(name, manifest.provider, provider.name)
         image = manifest.image.model_copy(
             update={
@@ -1028,6 +1029,20 @@ def _hardlink_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def _share_kernel(kernel_file: Path, provider: Provider) -> None:
+    """A pulled kernel byte-identical to the provider's own becomes a link to it, as a built
+    image's is: no second copy on disk, nor in the page cache of the VMs that boot it."""
+    try:
+        own = provider.kernel().vmlinux
+        if own.stat().st_size != kernel_file.stat().st_size or _file_sha256(own) != _file_sha256(kernel_file):
+            return
+        link = kernel_file.with_name(".kernel-link")
+        os.link(own, link)
+    except (UnikError, OSError):
+        return  # another kernel, or another file system: the pulled copy stays
+    os.replace(link, kernel_file)
 
 
 def _image_digest(kernel: Path, initrd: Path) -> tuple[str, int]:

@@ -68,22 +68,42 @@ def test_a_build_reads_no_host_secret(api: TestClient) -> None:
 
 
 def test_a_build_reads_neither_the_daemons_config_nor_its_tls_key(data_dir: Path) -> None:
-    """Kept outside the data dir, the config file (it may hold the API token) and the TLS key
-    read as empty to a build."""
+    """The config file (it may hold the API token) and the TLS key, kept outside the data dir:
+    not there for a build, and read as empty where their folder is visible to builds (here:
+    named as a toolchain's)."""
     from unik.daemon import build_app
 
     elsewhere = Path(tempfile.mkdtemp(prefix="unik-etc-", dir="/tmp"))
     try:
-        key, config = elsewhere / "tls.key", elsewhere / "daemon-config.yaml"
+        key, config, public = elsewhere / "tls.key", elsewhere / "daemon-config.yaml", elsewhere / "public"
         key.write_text("PRIVATE KEY\n")
         config.write_text(f"build_timeout: 300  # not for builds to read\ntls_keyfile: {key}\n")
-        recipe = makefile(f"test ! -s {config}", f"test ! -s {key}", f"test -d {elsewhere}")
+        public.write_text("visible\n")
+        recipe = makefile(f"test ! -e {config}", f"test ! -e {key}")
         with TestClient(build_app(data_dir, config), raise_server_exceptions=False) as api:
             response = build(api, "no-config", {"main.c": MAIN_C, "Makefile": recipe})
         assert response.status_code == 201, response.text  # type: ignore[attr-defined]
         assert config.read_text().startswith("build_timeout")
+
+        work = data_dir / "work"
+        sandbox = Sandbox(data_dir, (work,), private=(config, key), toolchains=(elsewhere,))
+        check = f"test -s {public} && test -e {key} && test ! -s {key} && test ! -s {config}"
+        assert subprocess.run(sandbox.wrap(["sh", "-c", check], work)).returncode == 0
     finally:
         shutil.rmtree(elsewhere)
+
+
+def test_a_build_sees_the_system_and_the_toolchains_not_the_rest_of_the_host(api: TestClient) -> None:
+    """Of the host, a build sees /usr, /etc, /opt and the toolchain managers' folders: not the
+    homes' other files, nor /var, /srv or /run (the host's service sockets)."""
+    recipe = makefile(
+        "test -x /usr/bin/musl-gcc",
+        "test ! -e /run && test ! -e /srv && test ! -e /var/lib",
+        "test -z \"$$(ls -A /root | grep -v -x -e .cargo -e .rustup -e .pyenv)\"",
+        "! touch /unik-escape 2>/dev/null",
+    )
+    response = build(api, "host-view", {"main.c": MAIN_C, "Makefile": recipe})
+    assert response.status_code == 201, response.text  # type: ignore[attr-defined]
 
 
 def test_a_build_gets_none_of_the_daemons_secret_environment(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from unik.archive import safe_extract
 from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
 from unik.compilers import Compiler, CompilerRegistry
 from unik.compilers.base import AppBundle, Sandbox, build_sandbox, sandbox_available
+from unik.compilers.toolchain import which
 from unik.config import DaemonConfig
 from unik.errors import BadGateway, BadRequest, Conflict, NotFound, UnikError, disk_full
 from unik.filewatch import FileChanges
@@ -92,6 +93,7 @@ class Manager:
         self.build_cache = BuildCache(self.cache_dir / "images")
         self.sandboxed_builds = _use_sandbox(config)
         self.private_files = tuple(path.resolve() for path in private_files)
+        self.configured_toolchains = _configured_toolchains(config)
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
         self._creating_volumes: set[str] = set()
@@ -430,7 +432,10 @@ class Manager:
             yield
             return
         writable = (work, self.toolchain_cache)
-        sandbox = Sandbox(self.data_dir, writable, network=self.config.build_network, private=self.private_files)
+        sandbox = Sandbox(
+            self.data_dir, writable, network=self.config.build_network, private=self.private_files,
+            toolchains=self.configured_toolchains,
+        )  # fmt: skip
         token = build_sandbox.set(sandbox)
         try:
             yield
@@ -953,6 +958,19 @@ class Manager:
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+def _configured_toolchains(config: DaemonConfig) -> tuple[Path, ...]:
+    """The install folders of the interpreters and JDK the config names, for the sandbox to
+    show (a Python or Node.js in a home: its prefix, two levels above the program)."""
+    folders: list[Path] = []
+    for program in (config.python_interpreter, config.node_binary):
+        found = which(program) if program else None
+        if found is not None:
+            folders.append(found.parent.parent)
+    if config.java_home is not None:
+        folders.append(config.java_home)
+    return tuple(folders)
 
 
 def _use_sandbox(config: DaemonConfig) -> bool:

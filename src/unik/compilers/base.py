@@ -65,41 +65,71 @@ class Compiler(ABC):
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Where a build's tools run: the host read-only, the daemon's data dir hidden except
-    the build's own folder (and the toolchain caches), no network unless allowed."""
+    """Where a build's tools run: of the host only the system and the toolchains, read-only
+    (host_view), its secrets there reading as empty; of the data dir only the build's own
+    folder and the toolchain caches; no network unless allowed."""
 
     hidden: Path
     writable: tuple[Path, ...]
     network: bool = False
-    # The daemon's own secrets outside `hidden` (its config file, its TLS key).
+    # The daemon's own secrets (its config file, its TLS key), wherever they are.
     private: tuple[Path, ...] = ()
+    # Toolchains the config names outside the system folders (a JDK or a Python in a home).
+    toolchains: tuple[Path, ...] = ()
 
     def wrap(self, argv: list[str], cwd: Path) -> list[str]:
-        wrapped = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        wrapped += ["--tmpfs", str(self.hidden)]
-        secrets = [*_host_secrets(), *_existing(p for p in self.private if not p.is_relative_to(self.hidden.resolve()))]
-        if secrets:
+        visible = host_view(self.toolchains)
+        wrapped = [BWRAP, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+        for path in visible:
+            if str(path) in SYSTEM_FOLDERS and path.is_symlink():
+                wrapped += ["--symlink", os.readlink(path), str(path)]  # merged /usr: /bin -> usr/bin
+            else:
+                wrapped += ["--ro-bind", str(path), str(path)]
+        wrapped += ["--tmpfs", str(self.hidden)]  # in case the data dir is inside a visible folder
+        hidden = self.hidden.resolve()
+        exposed = [p for p in (*_host_secrets(), *_existing(self.private)) if not p.is_relative_to(hidden)]
+        exposed = [p for p in exposed if any(p.is_relative_to(v) for v in visible if not v.is_symlink())]
+        if exposed:
             # Files are covered by an empty one (a bound /dev/null would be nodev: EACCES).
             empty = self.hidden / ".empty"
             if not empty.is_file():
                 empty.touch(mode=0o444)
-            for secret in secrets:
+            for secret in exposed:
                 wrapped += ["--tmpfs", str(secret)] if secret.is_dir() else ["--ro-bind", str(empty), str(secret)]
+        wrapped += self._name_service(visible)
         for folder in self.writable:
             folder.mkdir(parents=True, exist_ok=True)
             wrapped += ["--bind", str(folder), str(folder)]
-        wrapped += ["--unshare-all", "--die-with-parent", "--new-session", "--chdir", str(cwd)]
+        # The sandbox's own root (where the mount points above were made) is read-only too.
+        wrapped += ["--remount-ro", "/", "--unshare-all", "--die-with-parent", "--new-session", "--chdir", str(cwd)]
         if self.network:
             wrapped.append("--share-net")
         return [*wrapped, "--", *argv]
 
+    def _name_service(self, visible: list[Path]) -> list[str]:
+        """With the network on: /etc/resolv.conf where it links out of what is visible (to
+        /run/systemd/resolve/ with systemd-resolved, say), its target bound read-only."""
+        target = Path("/etc/resolv.conf").resolve()
+        if not self.network or not target.is_file() or any(target.is_relative_to(v) for v in visible):
+            return []
+        return ["--ro-bind", str(target), str(target)]
+
 
 BWRAP = "bwrap"
 
-# The host stays visible to a build (read-only), since toolchains live under /usr, /opt and home
-# folders (pyenv, rustup); these secrets do not: a C file can `#include "/etc/shadow"` and the
+# What a build sees of the host: the system folders, where compilers and their libraries live,
+# and the toolchain managers' folders in the homes (rustup, pyenv, ...). The rest (other files
+# in the homes, /var, /srv, /run with the host's service sockets, /mnt, ...) is not there.
+SYSTEM_FOLDERS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+TOOLCHAIN_HOMES = (
+    ".cargo", ".rustup", ".pyenv", ".nvm", ".volta", ".sdkman", ".jdks", ".deno", ".bun", "go", "sdk",
+    ".rbenv", ".nodenv", ".goenv", ".jenv", ".asdf", ".ghcup", ".juliaup",
+)  # fmt: skip
+# Where toolchain managers say their folder is, when not in the default place.
+TOOLCHAIN_ENV = ("CARGO_HOME", "RUSTUP_HOME", "PYENV_ROOT", "NVM_DIR", "VOLTA_HOME", "SDKMAN_DIR", "GOROOT")
+# Secrets inside what a build sees, read as empty: a C file can `#include "/etc/shadow"` and the
 # compiler quotes it back in its error, and `.incbin` would put a whole file into the image.
-SECRET_PATHS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/ssh")
+SECRET_PATHS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/ssh", "/etc/ssl/private")
 HOME_SECRETS = (
     ".ssh", ".gnupg", ".aws", ".unik", ".docker", ".kube", ".netrc", ".git-credentials", ".npmrc", ".pypirc",
     ".config/gcloud", ".cargo/credentials", ".cargo/credentials.toml",
@@ -108,9 +138,33 @@ HOME_SECRETS = (
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|^UNIK_", re.IGNORECASE)
 
 
+def _homes() -> list[Path]:
+    return [Path("/root"), *sorted(Path("/home").glob("*"))]
+
+
+def host_view(toolchains: Iterable[Path] = ()) -> list[Path]:
+    """The host paths a build sees, read-only: the system folders, the toolchain managers'
+    folders in each home and those the environment names, and `toolchains`."""
+    candidates = [Path(p) for p in SYSTEM_FOLDERS]
+    candidates += [home / name for home in _homes() for name in TOOLCHAIN_HOMES]
+    named = [Path(os.environ[name]) for name in TOOLCHAIN_ENV if os.environ.get(name, "").startswith("/")]
+    # Never a whole home (CARGO_HOME=$HOME) nor a parent of one: that would show its secrets.
+    candidates += [path for path in named if not any(home.is_relative_to(path) for home in _homes())]
+    candidates += [path.resolve() for path in toolchains]
+    visible: list[Path] = []
+    for path in candidates:
+        if not (path.exists() or path.is_symlink()) or path in visible:
+            continue
+        if any(path.is_relative_to(v) for v in visible if not v.is_symlink()):
+            continue  # already inside a visible folder
+        if str(path) not in SYSTEM_FOLDERS and any(home.is_relative_to(path) for home in _homes()):
+            continue  # a configured toolchain path that is a whole home or above one
+        visible.append(path)
+    return visible
+
+
 def _host_secrets() -> list[Path]:
-    homes = [Path("/root"), *sorted(Path("/home").glob("*"))]
-    return _existing([Path(p) for p in SECRET_PATHS] + [home / name for home in homes for name in HOME_SECRETS])
+    return _existing([Path(p) for p in SECRET_PATHS] + [home / name for home in _homes() for name in HOME_SECRETS])
 
 
 def _existing(paths: Iterable[Path]) -> list[Path]:

@@ -147,9 +147,7 @@ def host_view(toolchains: Iterable[Path] = ()) -> list[Path]:
     folders in each home and those the environment names, and `toolchains`."""
     candidates = [Path(p) for p in SYSTEM_FOLDERS]
     candidates += [home / name for home in _homes() for name in TOOLCHAIN_HOMES]
-    named = [Path(os.environ[name]) for name in TOOLCHAIN_ENV if os.environ.get(name, "").startswith("/")]
-    # Never a whole home (CARGO_HOME=$HOME) nor a parent of one: that would show its secrets.
-    candidates += [path for path in named if not any(home.is_relative_to(path) for home in _homes())]
+    candidates += [Path(os.environ[name]) for name in TOOLCHAIN_ENV if os.environ.get(name, "").startswith("/")]
     candidates += [path.resolve() for path in toolchains]
     visible: list[Path] = []
     for path in candidates:
@@ -158,7 +156,7 @@ def host_view(toolchains: Iterable[Path] = ()) -> list[Path]:
         if any(path.is_relative_to(v) for v in visible if not v.is_symlink()):
             continue  # already inside a visible folder
         if str(path) not in SYSTEM_FOLDERS and any(home.is_relative_to(path) for home in _homes()):
-            continue  # a configured toolchain path that is a whole home or above one
+            continue  # never a whole home (CARGO_HOME=$HOME) nor above one: its secrets would show
         visible.append(path)
     return visible
 

@@ -120,7 +120,10 @@ BWRAP = "bwrap"
 # What a build sees of the host: the system folders, where compilers and their libraries live,
 # and the toolchain managers' folders in the homes (rustup, pyenv, ...). The rest (other files
 # in the homes, /var, /srv, /run with the host's service sockets, /mnt, ...) is not there.
-SYSTEM_FOLDERS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FOLDERS = (
+    "/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    "/nix", "/gnu", "/snap",  # package stores (Nix, Guix, snapd): read-only programs, no secrets
+)  # fmt: skip
 TOOLCHAIN_HOMES = (
     ".cargo", ".rustup", ".pyenv", ".nvm", ".volta", ".sdkman", ".jdks", ".deno", ".bun", "go", "sdk",
     ".rbenv", ".nodenv", ".goenv", ".jenv", ".asdf", ".ghcup", ".juliaup",

@@ -135,6 +135,7 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "kernel": "cloud",
         "firmware": "seabios",
         "tcg_cache_mb": 0,
+        "guest_memory": "anonymous",
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 

@@ -482,6 +482,30 @@ def test_the_providers_machine_boots_the_cloud_kernel(vm_kernel: Kernel, short_t
                                     memory_mb=128, console=log)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("setting", "ksm", "memfd"),
+    [("auto", "0\n", True), ("auto", "1\n", False), ("auto", None, True), ("memfd", "1\n", True),
+     ("anonymous", "0\n", False)],
+)  # fmt: skip
+def test_guest_ram_is_a_memfd_unless_ksm_would_merge_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, ksm: str | None, memfd: bool
+) -> None:
+    from unik.providers import qemu
+
+    run = tmp_path / "run"
+    if ksm is not None:
+        run.write_text(ksm)
+    monkeypatch.setattr(qemu, "KSM_RUN", run)
+    config = QemuProviderConfig(guest_memory=setting)  # type: ignore[arg-type]
+    argv = boot_argv(config, "tcg", kernel=tmp_path / "k", initrd=tmp_path / "i", memory_mb=64, console=tmp_path / "c")
+    machine = argv[argv.index("-machine") + 1]
+    if memfd:
+        assert machine == "pc,memory-backend=guest-ram"
+        assert "memory-backend-memfd,id=guest-ram,size=64M" in argv
+    else:
+        assert machine == "pc" and not any("memory-backend" in a for a in argv)
+
+
 async def _ctrl_alt_del(sock: Path) -> None:
     from qemu.qmp import QMPClient
 

@@ -157,8 +157,12 @@ def time_to_line(argv: list[str], console: Path, marker: bytes, what: str) -> fl
         proc.wait()
 
 
-def wait_for_console(data_dir: Path, instance_id: str, marker: bytes, deadline: float = DEADLINE) -> None:
-    console = data_dir / "instances" / instance_id / "console.log"
+def instance_console(data_dir: Path, instance_id: str) -> Path:
+    return data_dir / "instances" / instance_id / "console.log"
+
+
+def wait_for_console(console: Path, marker: bytes, deadline: float = DEADLINE) -> None:
+    """Until `marker` is in the console file (a VM running in the background)."""
     started = time.monotonic()
     while time.monotonic() - started < deadline:
         with contextlib.suppress(OSError):
@@ -180,7 +184,7 @@ def capture_vm(base: str, data_dir: Path, image: str, marker: bytes, work: Path,
     instance = http.post("/instances/run", json=body).json()
     folder = data_dir / "instances" / instance["Id"]
     try:
-        wait_for_console(data_dir, instance["Id"], marker)
+        wait_for_console(instance_console(data_dir, instance["Id"]), marker)
         pid = int((folder / "qemu.pid").read_text())
         argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
         own = work / f"direct-{image}"

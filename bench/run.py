@@ -47,6 +47,7 @@ from boot import (
     boot_to_line,
     capture_vm,
     floor_initrd,
+    instance_console,
     wait_for_console,
     with_console,
     with_initrd,
@@ -320,7 +321,7 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
                             out.density_stop_reason = f"instance {n + 1}: {response.status_code} {response.text[:200]}"
                             break
                         started.append(response.json()["Id"])
-                        wait_for_console(data_dir, started[-1], HELLO_LINE, DEADLINE)
+                        wait_for_console(instance_console(data_dir, started[-1]), HELLO_LINE, DEADLINE)
                     boot_s = time.perf_counter() - boot_started
                 except RuntimeError as exc:
                     out.density_stop_reason = f"instance {n + 1}: {exc}"
@@ -354,11 +355,7 @@ def idle_floor(work: Path, argv: list[str]) -> Iterator[int]:
     subprocess.run(daemonized, stdin=subprocess.DEVNULL, check=True)
     pid = int(pidfile.read_text())
     try:
-        deadline = time.monotonic() + DEADLINE
-        while FLOOR_LINE not in (console.read_bytes() if console.exists() else b""):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the idle floor VM never printed its line")
-            time.sleep(0.05)
+        wait_for_console(console, FLOOR_LINE, DEADLINE)
         yield pid
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -136,9 +136,10 @@ def boot_direct(kernel: Kernel, initrd: Path, accel: str, work: Path, tag: str, 
         shutil.copyfileobj(src, out)
         out.write(run_config)
     console = work / f"{tag}.log"
-    # The cloud kernel (its modules are what this compares), with the firmware that boots it.
-    config = QemuProviderConfig(kernel="cloud")
-    argv = boot_argv(config, accel, kernel=kernel.vmlinux, initrd=boot, memory_mb=128, console=console)
+    argv = boot_argv(
+        QemuProviderConfig(), accel, kernel=kernel.vmlinux, initrd=boot, memory_mb=128, console=console,
+        kernel_version=kernel.version,  # the cloud kernel's: its firmware, as for its images
+    )  # fmt: skip
     if with_nic:
         argv += ["-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac_address(tag)}"]
     return time_to_line(argv, console, HELLO_FIRST_LINE, f"{tag}: the VM")

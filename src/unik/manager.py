@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from unik import guest, hub, volumes
 from unik.archive import safe_extract
 from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
-from unik.compilers import Compiler, CompilerRegistry
+from unik.compilers import Compiler, CompilerRegistry, build_settings
 from unik.compilers.base import AppBundle, Sandbox, build_sandbox, sandbox_available
 from unik.compilers.toolchain import which
 from unik.config import DaemonConfig
@@ -961,16 +961,13 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _configured_toolchains(config: DaemonConfig) -> tuple[Path, ...]:
-    """The install folders of the interpreters and JDK the config names, for the sandbox to
-    show (a Python or Node.js in a home: its prefix, two levels above the program)."""
-    folders: list[Path] = []
-    for program in (config.python_interpreter, config.node_binary):
-        found = which(program) if program else None
-        if found is not None:
-            folders.append(found.parent.parent)
-    if config.java_home is not None:
-        folders.append(config.java_home)
-    return tuple(folders)
+    """The install folders of the interpreters and JDK the compilers use (the settings they are
+    given), for the sandbox to show: a Python or Node.js in a home is its prefix, two levels
+    above the program."""
+    settings = build_settings(config, None)
+    found = [which(program) for program in (settings.python, settings.node)]
+    folders = [program.parent.parent for program in found if program is not None]
+    return tuple([*folders, *([settings.java_home] if settings.java_home is not None else [])])
 
 
 def _use_sandbox(config: DaemonConfig) -> bool:

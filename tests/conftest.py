@@ -39,6 +39,16 @@ def kernel_available() -> bool:
     return shutil.which("qemu-system-x86_64") is not None
 
 
+def micro_kernel_reads_fw_cfg() -> bool:
+    """The default micro kernel has fw_cfg in sysfs: big images' instances share their initrd."""
+    from unik.kernel import default_kernel_root, load
+
+    try:
+        return load(default_kernel_root(), "micro").builds_in("CONFIG_FW_CFG_SYSFS")
+    except FileNotFoundError:
+        return False
+
+
 requires_vm = pytest.mark.skipif(not kernel_available(), reason="no kernel fetched or no qemu: run `make setup`")
 
 

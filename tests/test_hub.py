@@ -24,7 +24,7 @@ from botocore.config import Config
 from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, requires_vm
+from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, micro_kernel_reads_fw_cfg, requires_vm
 from tests.test_e2e import wait_for
 from unik.client import UnikAPIError, UnikClient
 from unik.manager import _image_digest
@@ -335,8 +335,8 @@ def test_a_pulled_image_boots_its_own_initrd_as_a_built_one_does(
     from unik.kernel import default_kernel_root, load
     from unik.providers import qemu
 
-    if not load(default_kernel_root(), "micro").builds_in("CONFIG_FW_CFG_SYSFS"):
-        pytest.skip("this micro kernel has no fw_cfg in sysfs")
+    if not micro_kernel_reads_fw_cfg():
+        pytest.skip("no micro kernel with fw_cfg in sysfs")
     monkeypatch.setattr(qemu, "SHARED_INITRD_MIN_BYTES", 0)  # c-hello's initrd is small
     hub_body = json.dumps({"URL": s3_hub.hub.url, "Username": s3_hub.hub.user, "Password": s3_hub.hub.password})
     built = api.post(

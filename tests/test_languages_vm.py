@@ -7,10 +7,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm
+from tests.conftest import EXAMPLES, Daemon, free_port, micro_kernel_reads_fw_cfg, requires_vm
 from unik.client import UnikClient
 from unik.compilers import CompilerRegistry
-from unik.kernel import default_kernel_root, load
 from unik.providers.qemu import SHARED_INITRD_MIN_BYTES
 
 pytestmark = [pytest.mark.vm, requires_vm]
@@ -18,11 +17,6 @@ pytestmark = [pytest.mark.vm, requires_vm]
 # Boot to "listening" under TCG on a busy 2-core host; the JVM and CPython are the slow ones.
 BOOT_TIMEOUT = {"go": 60.0, "cpp": 60.0, "rust": 60.0, "python": 90.0, "nodejs": 120.0, "java": 150.0}
 AVAILABLE = set(CompilerRegistry(["qemu"]).available())
-
-
-def _micro_kernel_reads_fw_cfg() -> bool:
-    """The daemon's default kernel is the micro one; with fw_cfg in sysfs, big images share their initrd."""
-    return load(default_kernel_root(), "micro").builds_in("CONFIG_FW_CFG_SYSFS")
 
 
 def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
@@ -52,7 +46,7 @@ def test_http_example_answers_through_a_published_port(client: UnikClient, daemo
         ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
     )
     folder = daemon.data_dir / "instances" / instance.Id
-    if (folder / "image.initrd").stat().st_size >= SHARED_INITRD_MIN_BYTES and _micro_kernel_reads_fw_cfg():
+    if (folder / "image.initrd").stat().st_size >= SHARED_INITRD_MIN_BYTES and micro_kernel_reads_fw_cfg():
         # A big image boots its own initrd file; the run config (KEY below) came through fw_cfg.
         assert (folder / "run.cpio").is_file() and not (folder / "boot.initrd").exists()
         assert (folder / "image.initrd").samefile(daemon.data_dir / "images" / image.Id / "initrd")

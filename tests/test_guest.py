@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import micro_kernel_reads_fw_cfg
 from unik.config import QemuProviderConfig
 from unik.guest import (
     EXIT_LINE,
@@ -452,13 +453,9 @@ def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Pat
 @pytest.mark.vm
 def test_run_config_through_fw_cfg(vm_kernel: Kernel, short_tmp: Path) -> None:
     """A big image's way: the image's own initrd, the run archive as a fw_cfg file init unpacks."""
-    try:
-        micro = load(default_kernel_root(), "micro")
-    except FileNotFoundError:
-        pytest.skip("no micro kernel built: run `make setup`")
-    if not micro.builds_in("CONFIG_FW_CFG_SYSFS"):
-        pytest.skip("this micro kernel has no fw_cfg in sysfs")
-    _boot_app_print(short_tmp, micro, [], fw_cfg=True)
+    if not micro_kernel_reads_fw_cfg():
+        pytest.skip("no micro kernel with fw_cfg in sysfs: run `make setup`")
+    _boot_app_print(short_tmp, load(default_kernel_root(), "micro"), [], fw_cfg=True)
 
 
 @pytest.mark.vm

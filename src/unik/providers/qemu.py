@@ -453,7 +453,7 @@ def boot_argv(
         *(["-bios", "qboot.rom"] if _firmware(config, kernel_version) == "qboot" else []),
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", " ".join([*BOOT_ARGS, *_tsc_hint(accel), config.kernel_cmdline]).strip(),
+        "-append", " ".join([*BOOT_ARGS, *_tcg_boot_args(accel), config.kernel_cmdline]).strip(),
         "-chardev", f"file,id=console,path={console},append=on",
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
@@ -514,11 +514,19 @@ def _host_tsc_khz() -> int | None:
     return None
 
 
-def _tsc_hint(accel: str) -> list[str]:
-    """Under TCG the guest's TSC is the host's: telling the kernel its rate skips the early
-    calibration, which on a loaded host sometimes goes wrong and hangs the boot (PLATFORM.md)."""
-    khz = _host_tsc_khz() if accel == "tcg" else None
-    return [f"tsc_early_khz={khz}"] if khz else []
+def _tcg_boot_args(accel: str) -> list[str]:
+    """Kernel arguments for a guest under TCG, which emulates no TSC-deadline timer.
+
+    - The guest's TSC is the host's: telling the kernel its rate skips the early calibration,
+      which on a loaded host sometimes goes wrong and hangs the boot (PLATFORM.md).
+    - Without a TSC-deadline timer the kernel calibrates the local APIC timer by waiting
+      100 ms of wall time, a fifth of a micro-kernel boot. `noapictimer` skips it: the
+      guest (one vCPU, so no broadcast is needed) ticks on the HPET instead. Under KVM the
+      deadline timer makes the calibration free, and the APIC timer does not exit to qemu."""
+    if accel != "tcg":
+        return []
+    khz = _host_tsc_khz()
+    return [*([f"tsc_early_khz={khz}"] if khz else []), "noapictimer"]
 
 
 def _escape(value: str | Path) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from tests.conftest import EXAMPLES, Daemon, requires_vm
 from unik.client import UnikAPIError, UnikClient
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
+from unik.store import Store
 
 pytestmark = [pytest.mark.vm, requires_vm]
 
@@ -141,6 +144,38 @@ def test_daemon_restart_readopts_running_vm(client: UnikClient, daemon: Daemon) 
         again.instances.start("survivor")
         assert state(again, "survivor") == "running"
         again.instances.delete("survivor", force=True)
+
+
+def test_a_restart_ends_the_vms_no_record_names(client: UnikClient, daemon: Daemon) -> None:
+    """VMs outlive the daemon by design; one whose record is lost (a store restored from a
+    backup, a record deleted by hand, its folder deleted too) would run unseen for good. The
+    next start stops it and removes its files; the others are re-adopted."""
+    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+    names = ("kept", "lost-record", "lost-folder")
+    instances = {name: client.instances.run(name, "hello") for name in names}
+    pids = {name: qemu_pid(daemon.data_dir, instance.Id) for name, instance in instances.items()}
+    daemon.kill()
+    try:
+        store = Store(daemon.data_dir / "unik.db")
+        try:
+            for name in ("lost-record", "lost-folder"):
+                store.instances.delete(instances[name].Id)
+        finally:
+            store.close()
+        shutil.rmtree(daemon.data_dir / "instances" / instances["lost-folder"].Id)
+        daemon.start()
+        with UnikClient(daemon.host) as again:
+            assert [(i.Name, i.State) for i in again.instances.list()] == [("kept", "running")]
+            lost = [pids["lost-record"], pids["lost-folder"]]
+            wait_for("the unnamed VMs to end", lambda: not any(_alive(pid) for pid in lost))
+            folders = daemon.data_dir / "instances"
+            wait_for("their files to go", lambda: [p.name for p in folders.iterdir()] == [instances["kept"].Id])
+            assert _alive(pids["kept"])
+            again.instances.delete("kept", force=True)
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_an_image_keeps_booting_on_its_own_kernel_after_the_config_changes(daemon: Daemon) -> None:

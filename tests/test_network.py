@@ -27,8 +27,9 @@ from unik.cli import _parse_publish
 from unik.client import UnikAPIError, UnikClient
 from unik.config import QemuProviderConfig
 from unik.guest import run_config_cpio
+from unik.models import Instance, InstanceState, now_rfc3339
 from unik.providers.network import mac_address, tap_name
-from unik.store import Store
+from unik.store import Record, Store
 
 BOOT_TIMEOUT = 90.0
 RUN = "/instances/run"
@@ -322,3 +323,17 @@ def test_bridge_addresses_are_real_unique_and_survive_restart(
 
 def qemu_pids_of(data_dir: Path, instance_id: str) -> int:
     return int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
+
+
+def test_a_start_frees_the_addresses_of_instances_no_record_names(tmp_path: Path) -> None:
+    hosts = [str(ip) for ip in list(IPv4Network("10.9.0.0/29").hosts())[1:]]
+    store = Store(tmp_path / "unik.db")
+    recorded = Instance(Id="a" * 32, Name="recorded", State=InstanceState.running.value, IpAddress="",
+                        ImageId="img", Infrastructure="QEMU", Created=now_rfc3339())  # fmt: skip
+    store.instances.insert(Record(recorded, {}))
+    kept = store.allocate_address(recorded.Id, iter(hosts))
+    lost = store.allocate_address("b" * 32, iter(hosts))  # its record lost (a restore, a crash)
+    store.release_unheld_addresses()
+    assert store.allocate_address(recorded.Id, iter(hosts)) == kept
+    assert store.allocate_address("c" * 32, iter(hosts)) == lost
+    store.close()

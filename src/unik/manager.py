@@ -97,7 +97,8 @@ class Manager:
         self._building: set[str] = set()
         self._instance_locks: dict[str, asyncio.Lock] = {}
         self._creating_volumes: set[str] = set()
-        # (provider, instance id) of runs cut short by a crash, whose files recover() left.
+        # (provider, instance id) of runs cut short by a crash and of instances no record names:
+        # recover() finds them, monitor() removes their VMs and files once the loop runs.
         self._half_made: list[tuple[Provider, str]] = []
 
     # -- start-up and monitoring ---------------------------------------------------------
@@ -115,7 +116,16 @@ class Manager:
         for folder in self.volumes_dir.iterdir():
             if folder.name not in known_volumes:
                 shutil.rmtree(folder, ignore_errors=True)
-        for record in self.store.instances.all():
+        instances = self.store.instances.all()
+        # VMs outlive the daemon by design, so one whose record is lost (a store restored from
+        # a backup, a record deleted by hand) would run unseen and unreachable for good.
+        known_instances = {r.id for r in instances}
+        for provider in self.providers.values():
+            for stray in sorted(provider.instance_ids() - known_instances):
+                log.warning("removing instance %s: its VM or files are on this host, but no record names it", stray)
+                self._half_made.append((provider, stray))
+        self.store.release_unheld_addresses()
+        for record in instances:
             if record.obj.State == InstanceState.pending.value and not self._recover_boot(record):
                 continue
             self._refresh_state(record)
@@ -161,7 +171,7 @@ class Manager:
             try:
                 await provider.remove(instance_id)
             except Exception:
-                log.exception("removing the files of half-made instance %s failed", instance_id)
+                log.exception("removing half-made instance %s failed", instance_id)
         while True:
             await asyncio.sleep(MONITOR_INTERVAL)
             try:

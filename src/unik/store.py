@@ -238,6 +238,11 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM addresses WHERE instance_id = ?", (instance_id,))
 
+    def release_unheld_addresses(self) -> None:
+        """Frees the addresses of instances no record names (a record lost to a crash or a restore)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM addresses WHERE instance_id NOT IN (SELECT id FROM instances)")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -87,6 +87,11 @@ class Provider(ABC):
     def debug_port(self, instance_id: str) -> int | None:
         return None
 
+    def instance_ids(self) -> set[str]:
+        """Every instance this provider holds on the host, by its files or a running VM: the
+        daemon's start removes those no record names."""
+        return set()
+
     async def attach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
         """Hot-plug the disk and have the guest mount it."""
         raise NotImplementedByProvider(f"provider {self.name} cannot attach volumes to running instances")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 107
 LAUNCH_TIMEOUT = 60.0
 KILL_WAIT = 5.0
+PIDFILE = "qemu.pid"
 CONTROL_TIMEOUT = 30.0
 CONTROL_RESEND = 1.0
 UNPLUG_TIMEOUT = 15.0
@@ -105,7 +106,7 @@ class QemuProvider(Provider):
         return self._dir(instance_id) / "console.log"
 
     def _pidfile(self, instance_id: str) -> Path:
-        return self._dir(instance_id) / "qemu.pid"
+        return self._dir(instance_id) / PIDFILE
 
     def _qmp_path(self, instance_id: str) -> Path:
         return self._dir(instance_id) / "qmp.sock"
@@ -141,16 +142,37 @@ class QemuProvider(Provider):
             pid = int(self._pidfile(instance_id).read_text().strip())
         except (OSError, ValueError):
             return None
+        # A pid reused by another program is not ours.
+        return pid if self._instance_of(pid) == instance_id else None
+
+    def _instance_of(self, pid: int) -> str | None:
+        """The instance whose VM process `pid` is: a live qemu started with a pidfile in one of
+        this provider's instance folders (what every launch passes), else None."""
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return None
-        # A zombie has exited; a pid reused by another program is not ours.
-        state = stat.rsplit(")", 1)[-1].split()[0]
-        if state in ("Z", "X") or str(self._dir(instance_id)).encode() not in cmdline:
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):  # a zombie has exited
             return None
-        return pid
+        with contextlib.suppress(ValueError, IndexError):
+            pidfile = Path(os.fsdecode(argv[argv.index(b"-pidfile") + 1]))
+            if pidfile.name == PIDFILE and pidfile.parent.parent == self.instances_dir:
+                return pidfile.parent.name
+        return None
+
+    def _running_vms(self) -> dict[str, int]:
+        """The pid of every VM of this provider's instances, found through /proc rather than the
+        pidfiles: it also finds a VM whose folder was deleted under it."""
+        found: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (instance_id := self._instance_of(int(entry.name))):
+                found[instance_id] = int(entry.name)
+        return found
+
+    def instance_ids(self) -> set[str]:
+        folders = {entry.name for entry in self.instances_dir.iterdir() if entry.is_dir()}
+        return folders | set(self._running_vms())
 
     def alive(self, instance_id: str) -> bool:
         return self._pid(instance_id) is not None
@@ -289,7 +311,7 @@ class QemuProvider(Provider):
             if status.get("running"):
                 keys = [_qcode("ctrl"), _qcode("alt"), _qcode("delete")]
                 await self._qmp(instance_id, "send-key", {"keys": keys})
-                if await self._wait_gone(instance_id, self.config.stop_timeout + 10.0):
+                if await self._wait_exit(instance_id, pid, self.config.stop_timeout + 10.0):
                     await asyncio.to_thread(self.release_network, instance_id)
                     return
         log.warning("instance %s did not power off gracefully; killing qemu", instance_id)
@@ -297,20 +319,21 @@ class QemuProvider(Provider):
         await asyncio.to_thread(self.release_network, instance_id)
 
     async def _kill(self, instance_id: str) -> None:
-        pid = self._pid(instance_id)
+        pid = self._pid(instance_id) or self._running_vms().get(instance_id)
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        await self._wait_gone(instance_id, KILL_WAIT)
+        await self._wait_exit(instance_id, pid, KILL_WAIT)
 
-    async def _wait_gone(self, instance_id: str, timeout: float) -> bool:
+    async def _wait_exit(self, instance_id: str, pid: int, timeout: float) -> bool:
+        """Whether the instance's VM process `pid` ended within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.alive(instance_id):
+            if self._instance_of(pid) != instance_id:
                 return True
             await asyncio.sleep(0.1)
-        return not self.alive(instance_id)
+        return self._instance_of(pid) != instance_id
 
     async def _qmp(self, instance_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         client = QMPClient(f"unik-{instance_id[:12]}")

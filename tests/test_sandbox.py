@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import tar_gz
+from unik.compilers import base as compilers_base
 from unik.compilers import linux_go
 from unik.compilers.base import Sandbox, build_sandbox, sandbox_available
 from unik.compilers.linux_python import LinuxPythonCompiler
@@ -289,3 +290,25 @@ def test_a_sandboxed_python_build_still_packs_its_packages_and_keeps_the_users_l
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_build_with_the_network_finds_a_resolv_conf_that_links_out_of_its_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd-resolved's /etc/resolv.conf is a link into /run, which builds do not see: with
+    `build_network` its target is bound, so a build that fetches packages can resolve names."""
+    resolver = Path(tempfile.mkdtemp(prefix="resolved-", dir="/tmp"))  # /tmp: a fresh tmpfs in builds
+    try:
+        (resolver / "stub-resolv.conf").write_text("nameserver 127.0.0.53\n")
+        link = tmp_path / "resolv.conf"
+        link.symlink_to(resolver / "stub-resolv.conf")
+        monkeypatch.setattr(compilers_base, "RESOLV_CONF", link)
+        work = tmp_path / "data" / "work"
+        work.mkdir(parents=True)
+        read = ["cat", str(resolver / "stub-resolv.conf")]
+        for network, expected in ((True, "nameserver 127.0.0.53\n"), (False, "")):
+            sandbox = Sandbox(hidden=tmp_path / "data", writable=(work,), network=network)
+            run = subprocess.run(sandbox.wrap(read, work), capture_output=True, text=True)
+            assert run.stdout == expected, run.stderr
+    finally:
+        shutil.rmtree(resolver)

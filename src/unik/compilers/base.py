@@ -109,13 +109,14 @@ class Sandbox:
     def _name_service(self, visible: list[Path]) -> list[str]:
         """With the network on: /etc/resolv.conf where it links out of what is visible (to
         /run/systemd/resolve/ with systemd-resolved, say), its target bound read-only."""
-        target = Path("/etc/resolv.conf").resolve()
+        target = RESOLV_CONF.resolve()
         if not self.network or not target.is_file() or any(target.is_relative_to(v) for v in visible):
             return []
         return ["--ro-bind", str(target), str(target)]
 
 
 BWRAP = "bwrap"
+RESOLV_CONF = Path("/etc/resolv.conf")
 
 # What a build sees of the host: the system folders, where compilers and their libraries live,
 # and the toolchain managers' folders in the homes (rustup, pyenv, ...). The rest (other files

@@ -125,6 +125,7 @@ def test_addresses_are_unique_persistent_and_released(tmp_path: Path) -> None:
         store.allocate_address("one-too-many", iter(hosts))
     store.close()
 
+
 def test_a_start_frees_the_addresses_of_instances_no_record_names(tmp_path: Path) -> None:
     hosts = [str(ip) for ip in list(IPv4Network("10.9.0.0/29").hosts())[1:]]
     store = Store(tmp_path / "unik.db")
@@ -137,7 +138,6 @@ def test_a_start_frees_the_addresses_of_instances_no_record_names(tmp_path: Path
     assert store.allocate_address(recorded.Id, iter(hosts)) == kept
     assert store.allocate_address("c" * 32, iter(hosts)) == lost
     store.close()
-
 
 
 def test_bad_ports_are_400(api: TestClient) -> None:
@@ -337,4 +337,3 @@ def test_bridge_addresses_are_real_unique_and_survive_restart(
 
 def qemu_pids_of(data_dir: Path, instance_id: str) -> int:
     return int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
-

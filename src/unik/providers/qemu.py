@@ -149,25 +149,26 @@ class QemuProvider(Provider):
         """The instance whose VM process `pid` is: a live qemu started with a pidfile in one of
         this provider's instance folders (what every launch passes), else None."""
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            pidfile = Path(os.fsdecode(argv[argv.index(b"-pidfile") + 1]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if pidfile.name != PIDFILE or pidfile.parent.parent != self.instances_dir:
+            return None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):  # a zombie has exited
-            return None
-        with contextlib.suppress(ValueError, IndexError):
-            pidfile = Path(os.fsdecode(argv[argv.index(b"-pidfile") + 1]))
-            if pidfile.name == PIDFILE and pidfile.parent.parent == self.instances_dir:
-                return pidfile.parent.name
-        return None
+        # A zombie has exited.
+        return None if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X") else pidfile.parent.name
 
     def _running_vms(self) -> dict[str, int]:
         """The pid of every VM of this provider's instances, found through /proc rather than the
         pidfiles: it also finds a VM whose folder was deleted under it."""
         found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (instance_id := self._instance_of(int(entry.name))):
-                found[instance_id] = int(entry.name)
+        for name in os.listdir("/proc"):
+            if name.isdigit() and (instance_id := self._instance_of(int(name))):
+                found[instance_id] = int(name)
         return found
 
     def instance_ids(self) -> set[str]:

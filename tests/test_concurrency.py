@@ -88,8 +88,8 @@ def vcpu_state(qmp_socket: Path) -> str:
 # One of the twenty guests used to stay silent in about one run in ten on this 2-core TCG host:
 # a vCPU starved during the kernel's IO-APIC timer check panicked ("IO-APIC + timer doesn't
 # work!", caught once) or, most likely the same check, left the earlier reports' guests halted
-# in the kernel with an empty console. The kernel boots with no_timer_check since: 86 runs
-# clean (65 before noapictimer, 21 with it) against 1 failure in 11 before, so the test runs
+# in the kernel with an empty console. The kernel boots with no_timer_check since: 110 runs
+# clean (65 before noapictimer, 45 with it) against 1 failure in 11 before, so the test runs
 # once, and its failure message carries the silent guest's console and vCPU registers.
 def test_twenty_builds_and_runs_at_once(daemon: Daemon) -> None:
     count = 20

@@ -320,7 +320,10 @@ class QemuProvider(Provider):
         await asyncio.to_thread(self.release_network, instance_id)
 
     async def _kill(self, instance_id: str) -> None:
-        pid = self._pid(instance_id) or self._running_vms().get(instance_id)
+        pid = self._pid(instance_id)
+        if pid is None and not self._dir(instance_id).exists():
+            # Its folder was deleted under it: the VM, if it still runs, is found through /proc.
+            pid = self._running_vms().get(instance_id)
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):

@@ -88,6 +88,11 @@ BOOT_ARGS: tuple[str, ...] = (
     # wait: a vCPU starved by a loaded host fails it and panics ("IO-APIC + timer doesn't
     # work!", seen with 40 VMs booting on 2 cores); KVM guests skip it the same way. ~15 ms.
     "no_timer_check",
+    # The CRNG is seeded from RDRAND (the VM's CPU has it, see providers/qemu.py) at boot.
+    # Without it the first read of /dev/urandom or getrandom() runs the kernel's jitter
+    # entropy collection, ~1 s under TCG: CPython's hash seed and Node.js's start-up both wait
+    # on it. Debian's kernel trusts the CPU by default; the micro kernel (tinyconfig) does not.
+    "random.trust_cpu=on",
 )
 
 _ELF_MAGIC = b"\x7fELF"

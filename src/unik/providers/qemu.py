@@ -45,6 +45,9 @@ PIDFILE = "qemu.pid"
 CONTROL_TIMEOUT = 30.0
 CONTROL_RESEND = 1.0
 UNPLUG_TIMEOUT = 15.0
+# qemu's default model plus RDRAND, which the guest kernel seeds its CRNG from at boot
+# (random.trust_cpu in BOOT_ARGS). Under TCG the instruction returns the host's getrandom().
+CPU_MODEL = "qemu64,+rdrand"
 # From this size on, an image's initrd is not copied for each boot (see _shares_image_initrd).
 SHARED_INITRD_MIN_BYTES = 8 << 20
 
@@ -476,6 +479,7 @@ def boot_argv(
         *_machine(config, memory_mb),
         "-accel", _accel_option(config, accel, memory_mb),
         "-m", str(memory_mb),
+        "-cpu", CPU_MODEL,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *(["-bios", "qboot.rom"] if _firmware(config, kernel_version) == "qboot" else []),
         "-kernel", str(kernel),

@@ -3,13 +3,13 @@
     .venv/bin/python bench/timeline.py --example python-http --marker "listening on"
 
 Runs the example through a real daemon, then asks the VM's QMP socket for the vCPU's registers
-as fast as it answers (every 2-4 ms here) until the app's first line, and prints, per 100 ms,
-the kernel functions the instruction pointer was in (names from the micro kernel's
-System.map, when the build tree that made it is still there) or `user` for the guest's
-programs. A wait shows as the same few functions for many buckets: that is how the guest's
-~1 s of jitter entropy collection before CPython's first line was found
-(`try_to_generate_entropy`, `blake2s_compress_generic`, the scheduler). Each sample costs the
-guest a pause of the vCPU, so the boot itself is a little slower than unsampled.
+as fast as it answers (a sample every ~0.5 ms here) until the app's first line, and prints,
+per 100 ms, the kernel functions the instruction pointer was in (names from the micro
+kernel's System.map, when the build tree that made it is still there) or `user` for the
+guest's programs (and, in the first milliseconds, the firmware). A wait shows as the same few
+functions bucket after bucket: that is how the guest's ~1 s of jitter entropy collection
+before CPython's first line was found (`try_to_generate_entropy`, `blake2s_compress_generic`,
+the scheduler). Each sample pauses the vCPU, so a sampled boot is slower than an unsampled one.
 """
 
 from __future__ import annotations

@@ -977,7 +977,9 @@ def _configured_toolchains(config: DaemonConfig) -> tuple[Path, ...]:
     settings = build_settings(config, None)
     found = [which(program) for program in (settings.python, settings.node)]
     folders = [program.parent.parent for program in found if program is not None]
-    return tuple([*folders, *([settings.java_home] if settings.java_home is not None else [])])
+    if settings.java_home is not None:
+        folders.append(settings.java_home)
+    return tuple(folders)
 
 
 def _use_sandbox(config: DaemonConfig) -> bool:

@@ -9,18 +9,20 @@ P2 build    tar.gz → image: cold (a new archive each round, so no cache can an
 P3 size     each language's image: kernel and initrd.
 P4 API      requests/s, p50 and p99 of GET /instances and GET /images/{name} with 100 instance
             records in the store, loaded by wrk against the real daemon process.
-P5 density  idle c-hello instances of 64 MB started one by one (up to --density-cap): host
-            memory of each qemu beyond its guest RAM (PSS and RSS), and how many stay running.
+P5 density  idle c-hello instances of 64 MB started one by one until the host's available
+            memory is down to a quarter of its RAM (or --density-cap): host memory of each qemu
+            beyond its guest RAM (PSS and RSS), how many stay running, their idle CPU.
 
 Writes bench/results/report.md and PNG plots beside it.
 
-    .venv/bin/python bench/run.py [--rounds 4] [--quick] [--only p1,p4] [--density-cap 24]
+    .venv/bin/python bench/run.py [--rounds 4] [--quick] [--only p1,p4] [--density-cap 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -64,6 +66,9 @@ FIRST_LINE = b"listening on"
 HELLO_LINE = b"hello from unik"
 DEADLINE = 300.0
 MIB = 1 << 20
+# P5 starts instances until the host's available memory is down to this share of its RAM.
+DENSITY_RESERVE = 0.25
+IDLE_CPU_WINDOW = 5.0  # seconds over which the idle instances' CPU use is read
 
 TARGETS = {
     "p1_ratio": 1.10,
@@ -92,6 +97,10 @@ class Results:
     density_cap: int = 0
     density_stop_reason: str = ""
     density_floor: dict[str, float] = field(default_factory=dict)  # an instance's VM idling on a trivial init
+    density_boot_s: list[float] = field(default_factory=list)  # each instance's run → first line, in order
+    density_reserve_mib: float = 0.0
+    density_host_mib: float = 0.0  # the host's available memory lost per instance
+    density_idle_cpu: float = 0.0  # % of one core per idle instance
     connections: int = 0
     load_seconds: int = 0
     notes: list[str] = field(default_factory=list)
@@ -296,12 +305,31 @@ def qemu_memory(pid: int, guest_mb: int) -> dict[str, float]:
     return {"pss": pss, "rss": rss, "guest_pss": guest_pss, "guest_rss": guest_rss}
 
 
+def meminfo_mib(key: str) -> float:
+    """A /proc/meminfo figure of the host (MiB)."""
+    found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else float("nan")  # type: ignore[union-attr]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far (the ones that still exist)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) -> None:
     memory = 64
     archive = tarball(EXAMPLES / "c-hello")
     build(base, "c", "hello", archive)
     started: list[str] = []
     out.density_cap = cap
+    # Instances are started until the host's available memory falls to the reserve: the count
+    # is then what this machine holds with room to spare, and the run never wakes the OOM killer.
+    out.density_reserve_mib = meminfo_mib("MemTotal") * DENSITY_RESERVE
     # Started first, so it has idled at least as long as any instance when all are measured
     # (qemu's memory still shrinks for a while after boot), and measured with them, so the
     # shared pages (qemu's binary and libraries, the kernel file) are split the same way.
@@ -309,8 +337,15 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
     vm = capture_vm(base, data_dir, "hello", HELLO_LINE, work, memory_mb=memory)
     with idle_floor(work, with_initrd(vm, floor_initrd(work, stay_up=True))) as floor_pid:
         try:
-            for n in range(cap):
-                name = f"dense-{n:02d}"
+            available_before = meminfo_mib("MemAvailable")
+            for n in itertools.count() if cap == 0 else range(cap):
+                if meminfo_mib("MemAvailable") < out.density_reserve_mib:
+                    out.density_stop_reason = (
+                        f"the host's available memory reached the reserve ({out.density_reserve_mib / 1024:.1f} GiB, "
+                        f"{DENSITY_RESERVE:.0%} of its RAM)"
+                    )
+                    break
+                name = f"dense-{n:03d}"
                 try:
                     boot_started = time.perf_counter()
                     with httpx.Client(base_url=base, timeout=DEADLINE) as http:
@@ -326,6 +361,7 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
                 except RuntimeError as exc:
                     out.density_stop_reason = f"instance {n + 1}: {exc}"
                     break
+                out.density_boot_s.append(boot_s)
                 print(f"P5 instance {n + 1} up in {boot_s:.1f} s", file=sys.stderr)
             else:
                 out.density_stop_reason = f"the cap ({cap}) was reached"
@@ -333,10 +369,17 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
             out.density_floor = qemu_memory(floor_pid, memory)
             listing = {i["Id"]: i["State"] for i in httpx.get(f"{base}/instances", timeout=30).json()}
             out.density_running = sum(1 for i in started if listing.get(i) == InstanceState.running.value)
+            pids = []
             for instance_id in started:
                 with contextlib.suppress(OSError, ValueError, AttributeError):
-                    pid = int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
-                    out.density.append(qemu_memory(pid, memory))
+                    pids.append(int((data_dir / "instances" / instance_id / "qemu.pid").read_text()))
+                    out.density.append(qemu_memory(pids[-1], memory))
+            if started:
+                # The host's own view, which PSS misses: page tables, slirp's sockets, the kernel's slabs.
+                out.density_host_mib = (available_before - meminfo_mib("MemAvailable")) / len(started)
+                used_before = cpu_seconds(pids)
+                time.sleep(IDLE_CPU_WINDOW)
+                out.density_idle_cpu = (cpu_seconds(pids) - used_before) / IDLE_CPU_WINDOW / len(pids) * 100
         finally:
             for instance_id in started:
                 with contextlib.suppress(httpx.HTTPError):
@@ -431,8 +474,8 @@ def report(out: Results, plots: list[str]) -> str:
             f"| P5 host memory per idle 64 MB instance beyond its 64 MB of guest RAM (PSS) | {beyond_64:.1f} MiB "
             f"| ≤ {TARGETS['p5_overhead_mib']:.0f} MiB | {verdict(beyond_64 <= TARGETS['p5_overhead_mib'])} |"
         )
-        together = f"{out.density_running} of {out.density_cap} tried"
-        lines.append(f"| P5 64 MB instances running together | {together} | — | |")
+        together = f"{out.density_running} of {len(out.density_boot_s)} started"
+        lines.append(f"| P5 64 MB instances running together | {together} ({out.density_stop_reason}) | — | |")
     if out.boot:
         lines += [
             "",
@@ -457,8 +500,10 @@ def report(out: Results, plots: list[str]) -> str:
         ]
         for lang, values in out.boot.items():
             if lang == "floor":
-                lines.append(f"| bare machine's floor | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) "
-                             "| — | — | — | — | 1.00x |")
+                lines.append(
+                    f"| bare machine's floor | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) "
+                    "| — | — | — | — | 1.00x |"
+                )
                 continue
             direct = out.boot_direct.get(lang, [])
             own = f"{med(direct):.2f} s" if direct else "—"
@@ -524,8 +569,16 @@ def report(out: Results, plots: list[str]) -> str:
             "",
             "## P5 density: idle 64 MB c-hello instances",
             "",
-            f"Started one by one until one failed or the cap; {out.density_running} of {len(out.density)} "
-            f"started were `running` after they idled ({out.density_stop_reason}).",
+            f"Started one by one until one failed, the cap (--density-cap; 0, the default, is none) or the "
+            f"host's available memory fell to a reserve; {out.density_running} of {len(out.density_boot_s)} "
+            f"started were `running` after they idled (stopped: {out.density_stop_reason}).",
+            "",
+            f"- run → first line: {med(out.density_boot_s[:10]):.2f} s for the first ten, "
+            f"{med(out.density_boot_s[-10:]):.2f} s for the last ten (median).",
+            f"- the host's available memory fell by {out.density_host_mib:.1f} MiB per instance (qemu, "
+            "its guest's RAM, and what the host kernel keeps for them).",
+            f"- once idle, each instance used {out.density_idle_cpu:.2f}% of one core (its qemu's CPU "
+            f"time over {IDLE_CPU_WINDOW:.0f} s).",
             "",
             "| per instance (MiB, median) | PSS | RSS |",
             "|---|---|---|",
@@ -537,7 +590,7 @@ def report(out: Results, plots: list[str]) -> str:
             "An idle guest touches only part of its 64 MiB; the overhead is qemu minus the resident",
             "part of its guest-RAM mapping (read from /proc/PID/smaps).",
         ]
-    elif out.density_cap:
+    elif out.density_stop_reason:
         lines += ["", "## P5 density", "", f"No instance was measured: {out.density_stop_reason}."]
     if out.notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in out.notes]]
@@ -637,14 +690,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="c only, one round, a small density cap")
     parser.add_argument("--langs", default=",".join(LANGS))
     parser.add_argument("--only", default="p1,p2,p3,p4,p5", help="which parts (p1-p3 share one run)")
-    parser.add_argument("--density-cap", type=int, default=24)
+    parser.add_argument(
+        "--density-cap", type=int, default=0, help="most P5 instances (0: until the host's memory reserve)"
+    )
     parser.add_argument("--load-seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
     langs = ["c"] if options.quick else [lang for lang in options.langs.split(",") if lang]
     rounds = 1 if options.quick else options.rounds
-    cap = min(options.density_cap, 4) if options.quick else options.density_cap
+    cap = min(options.density_cap or 4, 4) if options.quick else options.density_cap
     parts = set(options.only.split(","))
 
     accel = "kvm" if kvm_usable()[0] else "tcg"
@@ -657,7 +712,8 @@ def main() -> int:
     try:
         if parts & {"p1", "p2", "p3", "p5"}:
             data_dir = work / "data"
-            running = start_daemon(data_dir)
+            # The default max_running_instances (64) would end P5 long before the host's memory.
+            running = start_daemon(data_dir, "max_running_instances: 100000\n")
             try:
                 kernel = httpx.get(f"{running.url}/version", timeout=30).json()["providers"]["qemu"]["kernel"]
                 out.host += f", guest kernel {kernel}"

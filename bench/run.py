@@ -2,7 +2,8 @@
 
 P1 boot     POST /instances/run → the app's first console line, per language (examples/<lang>-http),
             beside the floor: the same qemu, kernel and machine booting a trivial static init,
-            started directly (bench/boot.py's floor). Interleaved round by round.
+            started directly (bench/boot.py's floor), and beside the language's hello world run
+            through unik (its runtime's own start). Interleaved round by round.
 P2 build    tar.gz → image: cold (a new archive each round, so no cache can answer) and
             unchanged (the same archive again, force=true), beside the compiler alone on the
             same sources with the same flags (c, cpp). Interleaved round by round.
@@ -66,6 +67,25 @@ FIRST_LINE = b"listening on"
 HELLO_LINE = b"hello from unik"
 DEADLINE = 300.0
 MIB = 1 << 20
+# Each language's smallest program printing HELLO_LINE (c's is examples/c-hello): its boot is
+# the runtime's own start on that VM, which no image can go below.
+HELLO_APPS: dict[str, dict[str, bytes]] = {
+    "go": {
+        "go.mod": b"module example.com/hello\n\ngo 1.19\n",
+        "main.go": b'package main\n\nimport "fmt"\n\nfunc main() { fmt.Println("hello from unik") }\n',
+    },
+    "cpp": {"main.cpp": b'#include <iostream>\nint main() { std::cout << "hello from unik" << std::endl; }\n'},
+    "rust": {
+        "Cargo.toml": b'[package]\nname = "hello"\nversion = "0.1.0"\nedition = "2021"\n',
+        "src/main.rs": b'fn main() { println!("hello from unik"); }\n',
+    },
+    "python": {"main.py": b'print("hello from unik")\n'},
+    "nodejs": {"index.js": b'console.log("hello from unik");\n'},
+    "java": {
+        "Main.java": b"public class Main {\n    public static void main(String[] args) {\n"
+        b'        System.out.println("hello from unik");\n    }\n}\n'
+    },
+}
 # P5 starts instances until the host's available memory is down to this share of its RAM.
 DENSITY_RESERVE = 0.25
 IDLE_CPU_WINDOW = 5.0  # seconds over which the idle instances' CPU use is read
@@ -87,6 +107,7 @@ class Results:
     boot: dict[str, list[float]] = field(default_factory=dict)  # lang → seconds; "floor" too
     boot_direct: dict[str, list[float]] = field(default_factory=dict)  # lang → the same VM, started directly
     boot_vm_floor: dict[str, list[float]] = field(default_factory=dict)  # lang → that VM booting the floor's init
+    boot_hello: dict[str, list[float]] = field(default_factory=dict)  # lang → its hello world, through unik
     build_cold: dict[str, list[float]] = field(default_factory=dict)
     build_unchanged: dict[str, list[float]] = field(default_factory=dict)
     build_floor: dict[str, list[float]] = field(default_factory=dict)
@@ -121,6 +142,17 @@ def build(base: str, lang: str, name: str, archive: bytes) -> tuple[float, dict[
     if response.status_code != 201:
         raise RuntimeError(f"building {lang} failed ({response.status_code}): {response.text[-2000:]}")
     return elapsed, response.json()
+
+
+def hello_tarball(lang: str, work: Path) -> bytes:
+    """The language's hello world (HELLO_APPS) as an upload."""
+    if lang == "c":
+        return tarball(EXAMPLES / "c-hello")
+    folder = work / f"hello-{lang}"
+    for name, content in HELLO_APPS[lang].items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return tarball(folder)
 
 
 def compiler_alone(lang: str, app: Path, out: Path) -> Callable[[], float] | None:
@@ -158,6 +190,7 @@ def boots_and_builds(base: str, data_dir: Path, langs: list[str], rounds: int, w
             int(image["RunSpec"]["DefaultInstanceMemory"]),
         )
         print(f"P2 {lang}: first build {seconds:.2f} s", file=sys.stderr)
+        build(base, lang, f"{lang}-hello", hello_tarball(lang, work))
     initrd = floor_initrd(work)
     # The floor boots the very kernel file the images got (the daemon chooses the flavour); a
     # link of its own, since every rebuild below replaces the image folder it came from.
@@ -169,6 +202,7 @@ def boots_and_builds(base: str, data_dir: Path, langs: list[str], rounds: int, w
     vm_floor = {lang: with_initrd(argv, initrd) for lang, argv in direct.items()}
     out.boot_direct = {lang: [] for lang in langs}
     out.boot_vm_floor = {lang: [] for lang in langs}
+    out.boot_hello = {lang: [] for lang in langs}
     for lang in langs:
         out.build_unchanged[lang] = []
     for n in range(rounds):
@@ -182,7 +216,8 @@ def boots_and_builds(base: str, data_dir: Path, langs: list[str], rounds: int, w
             # other work is the slow one (nodejs: 2.8 s against 2.4 s, host memory), so each side
             # gets it in every other round. Hence an even number of rounds.
             pair = (unik, same_vm) if n % 2 == 0 else (same_vm, unik)
-            for values, boot in (floor_vm, *pair):
+            hello = (out.boot_hello[lang], partial(boot_to_line, base, f"{lang}-hello", f"hello-{tag}", HELLO_LINE))
+            for values, boot in (floor_vm, *pair, hello):
                 values.append(boot())
         # The builds after all the boots: a boot never follows a build.
         for lang in langs:
@@ -492,17 +527,20 @@ def report(out: Results, plots: list[str]) -> str:
             "The columns split the gap: the daemon's exact qemu command line (initrd with the run",
             "config) started directly, without the API and `-daemonize`. unik / direct is what the",
             "daemon adds; direct / floor is what the image adds (the guest init and its network",
-            "set-up, the runtime); floor / bare is what the VM's devices cost the kernel.",
+            "set-up, the runtime); floor / bare is what the VM's devices cost the kernel. The",
+            "language's hello world (print one line, exit), run through unik as the app is, is its",
+            "runtime's own start on that VM: hello / floor is the least any image of that language",
+            "reaches, and unik / hello is what the app's own start-up adds.",
             "",
-            "| | unik: median (range) | same VM started directly | floor on that VM | unik / direct "
-            "| unik / floor | unik / bare machine's floor |",
-            "|---|---|---|---|---|---|---|",
+            "| | unik: median (range) | same VM started directly | floor on that VM | its hello world "
+            "| unik / direct | unik / floor | hello / floor | unik / bare machine's floor |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for lang, values in out.boot.items():
             if lang == "floor":
                 lines.append(
                     f"| bare machine's floor | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) "
-                    "| — | — | — | — | 1.00x |"
+                    "| — | — | — | — | — | — | 1.00x |"
                 )
                 continue
             direct = out.boot_direct.get(lang, [])
@@ -511,9 +549,12 @@ def report(out: Results, plots: list[str]) -> str:
             vm_floor = out.boot_vm_floor.get(lang, [])
             on_vm = f"{med(vm_floor):.2f} s" if vm_floor else "—"
             over_vm = f"{med(values) / med(vm_floor):.2f}x" if vm_floor else "—"
+            hello = out.boot_hello.get(lang, [])
+            runtime = f"{med(hello):.2f} s" if hello else "—"
+            runtime_over_vm = f"{med(hello) / med(vm_floor):.2f}x" if hello and vm_floor else "—"
             lines.append(
-                f"| {lang} | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) | {own} | {on_vm} | {added} "
-                f"| {over_vm} | {med(values) / floor:.2f}x |"
+                f"| {lang} | {med(values):.2f} s ({min(values):.2f}-{max(values):.2f}) | {own} | {on_vm} | {runtime} "
+                f"| {added} | {over_vm} | {runtime_over_vm} | {med(values) / floor:.2f}x |"
             )
     if out.build_cold:
         lines += [
@@ -626,7 +667,11 @@ def plot(out: Results, folder: Path) -> list[str]:
     if out.boot:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         labels = [lang for lang in out.boot if out.boot_vm_floor.get(lang)]
-        ax.bar(labels, [med(out.boot[k]) / med(out.boot_vm_floor[k]) for k in labels])
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [med(out.boot[k]) / med(out.boot_vm_floor[k]) for k in labels], 0.4, label="app")
+        hellos = [med(out.boot_hello.get(k, [])) / med(out.boot_vm_floor[k]) for k in labels]
+        ax.bar([x + 0.2 for x in xs], hellos, 0.4, label="its hello world")
+        ax.set_xticks(list(xs), labels)
         ax.axhline(TARGETS["p1_ratio"], color="red", linestyle="--", label=f"target {TARGETS['p1_ratio']:.2f}x")
         ax.set_yscale("log")
         ax.set_ylabel("unik / floor (log)")

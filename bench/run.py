@@ -376,8 +376,8 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
             for n in itertools.count() if cap == 0 else range(cap):
                 if meminfo_mib("MemAvailable") < out.density_reserve_mib:
                     out.density_stop_reason = (
-                        f"the host's available memory reached the reserve ({out.density_reserve_mib / 1024:.1f} GiB, "
-                        f"{DENSITY_RESERVE:.0%} of its RAM)"
+                        f"the host's available memory reached the reserve, {out.density_reserve_mib / 1024:.1f} GiB "
+                        f"({DENSITY_RESERVE:.0%} of its RAM)"
                     )
                     break
                 name = f"dense-{n:03d}"

@@ -118,6 +118,7 @@ class Results:
     density_cap: int = 0
     density_stop_reason: str = ""
     density_floor: dict[str, float] = field(default_factory=dict)  # an instance's VM idling on a trivial init
+    density_started: int = 0
     density_boot_s: list[float] = field(default_factory=list)  # each instance's run → first line, in order
     density_reserve_mib: float = 0.0
     density_host_mib: float = 0.0  # the host's available memory lost per instance
@@ -409,7 +410,8 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
                 with contextlib.suppress(OSError, ValueError, AttributeError):
                     pids.append(int((data_dir / "instances" / instance_id / "qemu.pid").read_text()))
                     out.density.append(qemu_memory(pids[-1], memory))
-            if started:
+            out.density_started = len(started)
+            if pids:
                 # The host's own view, which PSS misses: page tables, slirp's sockets, the kernel's slabs.
                 out.density_host_mib = (available_before - meminfo_mib("MemAvailable")) / len(started)
                 used_before = cpu_seconds(pids)
@@ -509,7 +511,7 @@ def report(out: Results, plots: list[str]) -> str:
             f"| P5 host memory per idle 64 MB instance beyond its 64 MB of guest RAM (PSS) | {beyond_64:.1f} MiB "
             f"| ≤ {TARGETS['p5_overhead_mib']:.0f} MiB | {verdict(beyond_64 <= TARGETS['p5_overhead_mib'])} |"
         )
-        together = f"{out.density_running} of {len(out.density_boot_s)} started"
+        together = f"{out.density_running} of {out.density_started} started"
         lines.append(f"| P5 64 MB instances running together | {together} ({out.density_stop_reason}) | — | |")
     if out.boot:
         lines += [
@@ -611,7 +613,7 @@ def report(out: Results, plots: list[str]) -> str:
             "## P5 density: idle 64 MB c-hello instances",
             "",
             f"Started one by one until one failed, the cap (--density-cap; 0, the default, is none) or the "
-            f"host's available memory fell to a reserve; {out.density_running} of {len(out.density_boot_s)} "
+            f"host's available memory fell to a reserve; {out.density_running} of {out.density_started} "
             f"started were `running` after they idled (stopped: {out.density_stop_reason}).",
             "",
             f"- run → first line: {med(out.density_boot_s[:10]):.2f} s for the first ten, "

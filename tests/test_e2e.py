@@ -261,3 +261,38 @@ def test_debug_mode_waits_for_gdb_and_no_cleanup_keeps_files(client: UnikClient,
     client.instances.delete("dbg")
     # NoCleanup: the instance's files (console, initrd) stay for inspection.
     assert (daemon.data_dir / "instances" / instance.Id / "boot.initrd").exists()
+
+
+def _guest_ram_resident_mib(pid: int, memory_mb: int) -> float:
+    """The resident part of qemu's guest-RAM mapping: the one of the guest's size."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
+        size = re.search(r"^Size:\s+(\d+) kB", block, re.MULTILINE)
+        if size and int(size.group(1)) == memory_mb * 1024:
+            return int(re.search(r"^Rss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+    raise AssertionError(f"no {memory_mb} MiB mapping in qemu {pid}")
+
+
+def test_the_host_gets_back_the_ram_the_guest_frees(client: UnikClient, daemon: Daemon, tmp_path: Path) -> None:
+    """Booting leaves the image's files twice in guest RAM: the initrd qemu loaded, and the files
+    unpacked from it. The kernel frees the first and reports the pages to qemu's balloon
+    (free page reporting), which hands them back to the host: an instance then costs the
+    host about one copy of its image, not two."""
+    if "linux-python-qemu" not in client.available_compilers():
+        pytest.skip("no Python compiler here")
+    payload_mib = 48
+    (tmp_path / "main.py").write_text("import time\nprint('ready', flush=True)\ntime.sleep(3600)\n")
+    (tmp_path / "payload.bin").write_bytes(os.urandom(payload_mib << 20))
+    image = client.images.build("big", tmp_path, "linux", "python", "qemu")
+    initrd_mib = (daemon.data_dir / "images" / image.Id / "initrd").stat().st_size / (1 << 20)
+    memory_mb = int(image.RunSpec.DefaultInstanceMemory)
+    instance = client.instances.run("big1", "big")
+    wait_for("the app", lambda: "ready" in client.instances.logs("big1"))
+    pid = qemu_pid(daemon.data_dir, instance.Id)
+    # Two copies would be 2 x initrd; one copy plus the kernel and Python's own use stays far below.
+    bound = 2 * initrd_mib - payload_mib / 2
+    wait_for(
+        f"guest RAM below {bound:.0f} MiB (initrd {initrd_mib:.0f} MiB)",
+        lambda: _guest_ram_resident_mib(pid, memory_mb) < bound,
+        timeout=60,
+    )
+    client.instances.delete("big1", force=True)

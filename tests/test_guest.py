@@ -489,6 +489,18 @@ def test_the_providers_machine_boots_the_cloud_kernel(vm_kernel: Kernel, short_t
                                     memory_mb=128, console=short_tmp / "c")  # fmt: skip
 
 
+def test_micro_kernel_instances_get_a_balloon_that_takes_freed_ram_back(tmp_path: Path) -> None:
+    """The micro kernel reports the pages it frees to virtio-balloon (test_e2e measures what the
+    host gets back); Debian's kernel has the driver as a module nobody loads: no device."""
+    balloon = "virtio-balloon-pci,free-page-reporting=on"
+    files = {"kernel": tmp_path / "k", "initrd": tmp_path / "i", "memory_mb": 64, "console": tmp_path / "c"}
+    assert balloon in boot_argv(QemuProviderConfig(), "tcg", **files)  # type: ignore[arg-type]
+    assert balloon not in boot_argv(QemuProviderConfig(kernel="cloud"), "tcg", **files)  # type: ignore[arg-type]
+    # An image keeps the kernel it was built with: its release decides, not the config.
+    on_cloud = boot_argv(QemuProviderConfig(), "tcg", kernel_version="6.1.0-56-cloud-amd64", **files)  # type: ignore[arg-type]
+    assert balloon not in on_cloud
+
+
 APP_RANDOM = r"""
 #include <errno.h>
 #include <stdio.h>

@@ -488,6 +488,7 @@ def boot_argv(
         "-chardev", f"file,id=console,path={console},append=on",
         "-serial", "chardev:console",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        *(["-device", "virtio-balloon-pci,free-page-reporting=on"] if _is_micro(config, kernel_version) else []),
     ]  # fmt: skip
 
 
@@ -523,8 +524,13 @@ def _firmware(config: QemuProviderConfig, kernel_version: str) -> str:
     else by the config's choice."""
     if config.firmware != "auto":
         return config.firmware
-    micro = MICRO_LOCALVERSION in kernel_version if kernel_version else config.kernel == "micro"
-    return "qboot" if micro else "seabios"
+    return "qboot" if _is_micro(config, kernel_version) else "seabios"
+
+
+def _is_micro(config: QemuProviderConfig, kernel_version: str) -> bool:
+    """Whether the instance boots a micro kernel: by its release when known (an image keeps the
+    kernel it was built with), else by the config's choice."""
+    return MICRO_LOCALVERSION in kernel_version if kernel_version else config.kernel == "micro"
 
 
 def _accel_option(config: QemuProviderConfig, accel: str, memory_mb: int) -> str:

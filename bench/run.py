@@ -60,7 +60,7 @@ from common import EXAMPLES, RESULTS, api, tarball
 from unik.models import Image, ImageRunSpec, Instance, InstanceState, now_rfc3339
 from unik.providers.qemu import kvm_usable
 from unik.store import Record, Store
-from unik.testing import DaemonProcess, start_daemon
+from unik.testing import DaemonProcess, qemu_memory, start_daemon
 
 LANGS = ["c", "go", "cpp", "rust", "python", "nodejs", "java"]
 FIRST_LINE = b"listening on"
@@ -115,7 +115,6 @@ class Results:
     api: dict[str, dict[str, float]] = field(default_factory=dict)  # route → rps, p50_ms, p99_ms
     density: list[dict[str, float]] = field(default_factory=list)  # per instance: pss, rss, guest MiB
     density_running: int = 0
-    density_cap: int = 0
     density_stop_reason: str = ""
     density_floor: dict[str, float] = field(default_factory=dict)  # an instance's VM idling on a trivial init
     density_started: int = 0
@@ -324,23 +323,6 @@ def api_load(work: Path, seconds: int, connections: int, out: Results) -> None:
 # -- P5: density -------------------------------------------------------------------------------
 
 
-def qemu_memory(pid: int, guest_mb: int) -> dict[str, float]:
-    """PSS and RSS of the whole qemu, and the resident part of its guest RAM mapping (MiB)."""
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    pss = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-    rss = int(re.search(r"^Rss:\s+(\d+) kB", rollup, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-    guest_pss = guest_rss = 0.0
-    # The guest RAM is one anonymous mapping of (about) the guest's size; what of it is resident
-    # is the guest's own memory, not qemu's overhead.
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
-        size = re.search(r"^Size:\s+(\d+) kB", block, re.MULTILINE)
-        if size and guest_mb * 1024 <= int(size.group(1)) <= (guest_mb + 4) * 1024:
-            guest_pss += int(re.search(r"^Pss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-            guest_rss += int(re.search(r"^Rss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-            break
-    return {"pss": pss, "rss": rss, "guest_pss": guest_pss, "guest_rss": guest_rss}
-
-
 def meminfo_mib(key: str) -> float:
     """A /proc/meminfo figure of the host (MiB)."""
     found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
@@ -362,7 +344,6 @@ def density(base: str, data_dir: Path, cap: int, settle: float, out: Results) ->
     archive = tarball(EXAMPLES / "c-hello")
     build(base, "c", "hello", archive)
     started: list[str] = []
-    out.density_cap = cap
     # Instances are started until the host's available memory falls to the reserve: the count
     # is then what this machine holds with room to spare, and the run never wakes the OOM killer.
     out.density_reserve_mib = meminfo_mib("MemTotal") * DENSITY_RESERVE

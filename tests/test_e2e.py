@@ -23,6 +23,7 @@ from unik.client import UnikAPIError, UnikClient
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.store import Store
+from unik.testing import qemu_memory
 
 pytestmark = [pytest.mark.vm, requires_vm]
 
@@ -263,16 +264,6 @@ def test_debug_mode_waits_for_gdb_and_no_cleanup_keeps_files(client: UnikClient,
     assert (daemon.data_dir / "instances" / instance.Id / "boot.initrd").exists()
 
 
-def _guest_ram_resident_mib(pid: int, memory_mb: int) -> float:
-    """The resident part of qemu's guest-RAM mapping: the one of (about: anonymous RAM is
-    aligned) the guest's size."""
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
-        size = re.search(r"^Size:\s+(\d+) kB", block, re.MULTILINE)
-        if size and memory_mb * 1024 <= int(size.group(1)) <= (memory_mb + 4) * 1024:
-            return int(re.search(r"^Rss:\s+(\d+) kB", block, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-    raise AssertionError(f"no {memory_mb} MiB mapping in qemu {pid}")
-
-
 def test_the_host_gets_back_the_ram_the_guest_frees(client: UnikClient, daemon: Daemon, tmp_path: Path) -> None:
     """Booting leaves the image's files twice in guest RAM: the initrd qemu loaded, and the files
     unpacked from it. The kernel frees the first and reports the pages to qemu's balloon
@@ -293,7 +284,7 @@ def test_the_host_gets_back_the_ram_the_guest_frees(client: UnikClient, daemon: 
     bound = 2 * initrd_mib - payload_mib / 2
     wait_for(
         f"guest RAM below {bound:.0f} MiB (initrd {initrd_mib:.0f} MiB)",
-        lambda: _guest_ram_resident_mib(pid, memory_mb) < bound,
+        lambda: 0 < qemu_memory(pid, memory_mb)["guest_rss"] < bound,
         timeout=60,
     )
     client.instances.delete("big1", force=True)

@@ -7,6 +7,7 @@ monitor), so they start the daemon as a user would; the daemon itself never impo
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -79,3 +80,22 @@ def start_daemon(data_dir: Path, config: str = "") -> DaemonProcess:
     running = DaemonProcess(data_dir, free_port())
     running.start(config)
     return running
+
+
+def _kib(field: str, text: str) -> int:
+    found = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def qemu_memory(pid: int, guest_mb: int) -> dict[str, float]:
+    """PSS and RSS of a whole qemu, and of its guest-RAM mapping (MiB): the benchmark's P5 and
+    the test of what the host gets back. The guest RAM is the one mapping of (about: anonymous
+    RAM is aligned) the guest's size; what of it is resident is the guest's own memory, not
+    qemu's overhead. A qemu without such a mapping reads 0 for it."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    memory = {"pss": _kib("Pss", rollup) / 1024, "rss": _kib("Rss", rollup) / 1024, "guest_pss": 0.0, "guest_rss": 0.0}
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pid}/smaps").read_text()):
+        if guest_mb * 1024 <= _kib("Size", block) <= (guest_mb + 4) * 1024:
+            memory["guest_pss"], memory["guest_rss"] = _kib("Pss", block) / 1024, _kib("Rss", block) / 1024
+            break
+    return memory

@@ -27,8 +27,8 @@ import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from unik.config import QemuProviderConfig
 from unik.errors import BadRequest, Conflict, UnikError
+from unik.providers.qemu.config import QemuProviderConfig
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
-
 from unik import guest
-from unik.config import QemuProviderConfig
 from unik.errors import BadRequest, Conflict, UnikError
 from unik.kernel import BOOT_ARGS, MICRO_LOCALVERSION, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.providers.base import LaunchSpec, Provider, VolumeAttachment
 from unik.providers.network import HOSTFWD_FAILURE, HostNetwork, free_port
+from unik.providers.qemu.config import QemuProviderConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from unik import kernel as kernel_mod
 from unik.kernel import MICRO_CONFIG, Kernel, _check_config, fragment_options, load
+from unik.kernel import micro as kernel_mod
 
 
 def test_fragment_is_packaged_and_asks_for_what_init_needs() -> None:

@@ -1,6 +1,6 @@
 """The content-addressed build cache: unchanged inputs reuse the image files, anything else rebuilds.
 
-Whether a build was served from the cache is read from the image record's internal
+Whether a build was served from the cache is read from the image record's metadata
 `build_cache` field ("hit", "miss", "off") and the daemon's log line, never from timing.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import requires_vm, tar_gz
+from tests.conftest import requires_vm, services_of, tar_gz
 from unik.build_cache import BuildCache, CachedBuild
-from unik.manager import Manager
+from unik.models import Artifact
 
 pytestmark = requires_vm  # a build needs the kernel (its digest is part of every key)
 
@@ -33,13 +33,12 @@ def build(api: TestClient, name: str, tgz: bytes, extra: str = "") -> dict[str, 
     return body
 
 
-def manager_of(api: TestClient) -> Manager:
-    manager: Manager = api.app.state.manager  # type: ignore[attr-defined]
-    return manager
+def digest_of(api: TestClient, name: str) -> str:
+    return services_of(api).ctx.store.images.find(name).meta.digest
 
 
 def cache_state(api: TestClient, name: str) -> str:
-    return str(manager_of(api).store.images.find(name).internal["build_cache"])
+    return str(services_of(api).ctx.store.images.find(name).meta.build_cache)
 
 
 def entries(data_dir: Path) -> list[Path]:
@@ -49,13 +48,13 @@ def entries(data_dir: Path) -> list[Path]:
 def test_unchanged_rebuild_reuses_the_files(api: TestClient, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     first = build(api, "app", tar_gz(HELLO))
     assert cache_state(api, "app") == "miss"
-    digest = manager_of(api).store.images.find("app").internal["digest"]
-    with caplog.at_level(logging.INFO, logger="unik.manager"):
+    digest = digest_of(api, "app")
+    with caplog.at_level(logging.INFO, logger="unik.services.builds"):
         second = build(api, "app", tar_gz(HELLO))
     assert cache_state(api, "app") == "hit"
     assert any("build cache hit for image app" in r.getMessage() for r in caplog.records)
     assert second["Id"] != first["Id"]
-    assert manager_of(api).store.images.find("app").internal["digest"] == digest
+    assert digest_of(api, "app") == digest
     [entry] = entries(data_dir)
     initrd = data_dir / "images" / str(second["Id"]) / "initrd"
     assert initrd.stat().st_ino == (entry / "initrd").stat().st_ino  # a hard link, not a copy
@@ -83,14 +82,14 @@ def test_a_changed_input_rebuilds(api: TestClient, data_dir: Path, files: dict[s
 
 def test_a_corrupt_entry_is_ignored_and_rebuilt(api: TestClient, data_dir: Path) -> None:
     build(api, "app", tar_gz(HELLO))
-    digest = manager_of(api).store.images.find("app").internal["digest"]
+    digest = digest_of(api, "app")
     [entry] = entries(data_dir)
     # A new file, not a write through the link: the image built first must stay intact.
     (entry / "initrd").unlink()
     (entry / "initrd").write_bytes(b"not an initrd")
     build(api, "app", tar_gz(HELLO))
     assert cache_state(api, "app") == "miss"
-    assert manager_of(api).store.images.find("app").internal["digest"] == digest
+    assert digest_of(api, "app") == digest
     # The rebuild stored a good entry again, which the next build uses.
     build(api, "app", tar_gz(HELLO))
     assert cache_state(api, "app") == "hit"
@@ -113,7 +112,7 @@ def test_the_cache_survives_a_daemon_restart(data_dir: Path) -> None:
 
 
 def test_the_cache_is_bounded(api: TestClient, data_dir: Path) -> None:
-    manager_of(api).build_cache.max_entries = 2
+    services_of(api).builds.cache.max_entries = 2
     for n in range(4):
         build(api, "app", tar_gz(HELLO), f"&args=round{n}")
     assert len(entries(data_dir)) == 2
@@ -147,7 +146,8 @@ def test_eviction_by_bytes_counts_only_what_the_cache_alone_holds(tmp_path: Path
         staging.mkdir()
         (staging / "kernel").write_bytes(b"k" * 1000)
         (staging / "initrd").write_bytes(b"i" * 1000)
-        cache.store(f"key{n}", staging, CachedBuild(digest="d", size=2000, memory_mb=0, kernel_version="v"))
+        built = CachedBuild(artifact=Artifact(), digest="d", size=2000, memory_mb=0, kernel_version="v")
+        cache.store(f"key{n}", staging, built)
     # Every file is still linked from its staging folder: the cache holds no bytes of its own.
     assert len(cache.entries()) == 3
     for n in range(3):

@@ -15,20 +15,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unik.errors import Conflict, NotFound
-from unik.models import Image, Instance, Volume, is_valid_name, now_rfc3339
+from unik.models import (
+    Image,
+    ImageMeta,
+    Instance,
+    InstanceMeta,
+    LaunchSpec,
+    Volume,
+    VolumeMeta,
+    is_valid_name,
+    now_rfc3339,
+)
 from unik.store import Record, Store, Table
 
 # -- helpers --------------------------------------------------------------------------------
 
 
-def image(name: str, id_: str | None = None, size: int = 10) -> Record[Any]:
+def image(name: str, id_: str | None = None, size: int = 10) -> Record[Any, Any]:
     return Record(
         Image(Id=id_ or uuid.uuid4().hex, Name=name, SizeMb=size, Infrastructure="QEMU", Created=now_rfc3339()),
-        {"path": f"/images/{name}"},
+        ImageMeta(provider="qemu", digest=f"sha256:{name}"),
     )
 
 
-def instance(name: str, id_: str | None = None, size: int = 10) -> Record[Any]:
+def instance(name: str, id_: str | None = None, size: int = 10) -> Record[Any, Any]:
     state = "running" if size % 2 else "stopped"
     return Record(
         Instance(
@@ -39,18 +49,18 @@ def instance(name: str, id_: str | None = None, size: int = 10) -> Record[Any]:
             Infrastructure="QEMU",
             Created=now_rfc3339(),
         ),
-        {"pid": size},
+        InstanceMeta(provider="qemu", spec=LaunchSpec(image_id="img", memory_mb=size)),
     )
 
 
-def volume(name: str, id_: str | None = None, size: int = 10) -> Record[Any]:
+def volume(name: str, id_: str | None = None, size: int = 10) -> Record[Any, Any]:
     return Record(
         Volume(Id=id_ or uuid.uuid4().hex, Name=name, SizeMb=size, Infrastructure="QEMU", Created=now_rfc3339()),
-        {"file": f"/volumes/{name}.img"},
+        VolumeMeta(provider="qemu", fs_type="ext2", mount=f"/{name}"),
     )
 
 
-Factory = Callable[..., Record[Any]]
+Factory = Callable[..., Record[Any, Any]]
 KINDS: dict[str, Factory] = {"images": image, "instances": instance, "volumes": volume}
 
 
@@ -62,11 +72,11 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture(params=sorted(KINDS))
-def kind(request: pytest.FixtureRequest, store: Store) -> tuple[Table[Any], Factory]:
+def kind(request: pytest.FixtureRequest, store: Store) -> tuple[Table[Any, Any], Factory]:
     return getattr(store, request.param), KINDS[request.param]
 
 
-def ids(table: Table[Any]) -> list[str]:
+def ids(table: Table[Any, Any]) -> list[str]:
     return [r.id for r in table.all()]
 
 
@@ -79,7 +89,7 @@ def test_a_new_store_is_empty(store: Store) -> None:
     assert store.volumes.all() == []
 
 
-def test_insert_get_and_list_round_trip(kind: tuple[Table[Any], Factory]) -> None:
+def test_insert_get_and_list_round_trip(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     first, second = make("first", "id-1"), make("second", "id-2", size=11)
 
@@ -89,7 +99,7 @@ def test_insert_get_and_list_round_trip(kind: tuple[Table[Any], Factory]) -> Non
     got = table.get("id-1")
     assert got is not None
     assert got.obj == first.obj
-    assert got.internal == first.internal
+    assert got.meta == first.meta
     assert [r.obj for r in table.all()] == [first.obj, second.obj]  # insertion order
     assert table.get("id-3") is None
     assert table.has_name("second")
@@ -105,21 +115,21 @@ def test_tables_are_separate(store: Store) -> None:
     assert store.instances.all() == []
 
 
-def test_update_replaces_wire_and_internal(kind: tuple[Table[Any], Factory]) -> None:
+def test_update_replaces_wire_and_meta(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("x", "id-1"))
     changed = make("x", "id-1", size=99)
-    changed.internal["extra"] = [1, 2]
+    changed.meta = changed.meta.model_copy(update={"provider": "elsewhere"})
 
     table.update(changed)
 
     got = table.get("id-1")
     assert got is not None
     assert got.obj == changed.obj
-    assert got.internal == changed.internal
+    assert got.meta == changed.meta
 
 
-def test_update_of_an_unknown_record_is_not_found(kind: tuple[Table[Any], Factory]) -> None:
+def test_update_of_an_unknown_record_is_not_found(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     with pytest.raises(NotFound) as info:
         table.update(make("ghost", "nope"))
@@ -127,7 +137,7 @@ def test_update_of_an_unknown_record_is_not_found(kind: tuple[Table[Any], Factor
     assert table.all() == []
 
 
-def test_delete_removes_only_that_record(kind: tuple[Table[Any], Factory]) -> None:
+def test_delete_removes_only_that_record(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("a", "id-a"))
     table.insert(make("b", "id-b"))
@@ -144,7 +154,7 @@ def test_delete_removes_only_that_record(kind: tuple[Table[Any], Factory]) -> No
 # -- names ----------------------------------------------------------------------------------
 
 
-def test_a_taken_name_is_a_conflict(kind: tuple[Table[Any], Factory]) -> None:
+def test_a_taken_name_is_a_conflict(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("app", "id-1"))
 
@@ -156,14 +166,14 @@ def test_a_taken_name_is_a_conflict(kind: tuple[Table[Any], Factory]) -> None:
     assert ids(table) == ["id-1"]
 
 
-def test_names_are_case_sensitive(kind: tuple[Table[Any], Factory]) -> None:
+def test_names_are_case_sensitive(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("app", "id-1"))
     table.insert(make("App", "id-2"))
     assert table.find("App").id == "id-2"
 
 
-def test_replace_name_returns_the_replaced_record(kind: tuple[Table[Any], Factory]) -> None:
+def test_replace_name_returns_the_replaced_record(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     old = make("app", "id-old")
     table.insert(old)
@@ -174,19 +184,19 @@ def test_replace_name_returns_the_replaced_record(kind: tuple[Table[Any], Factor
     assert replaced is not None
     assert replaced.id == "id-old"
     assert replaced.obj == old.obj
-    assert replaced.internal == old.internal
+    assert replaced.meta == old.meta
     assert table.get("id-old") is None
     assert table.find("app").id == "id-new"
     assert sorted(ids(table)) == ["id-new", "id-other"]
 
 
-def test_replace_name_without_an_old_record_returns_none(kind: tuple[Table[Any], Factory]) -> None:
+def test_replace_name_without_an_old_record_returns_none(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     assert table.insert(make("app", "id-1"), replace_name=True) is None
     assert ids(table) == ["id-1"]
 
 
-def test_a_duplicate_id_is_refused_and_nothing_changes(kind: tuple[Table[Any], Factory]) -> None:
+def test_a_duplicate_id_is_refused_and_nothing_changes(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("a", "id-1"))
     with pytest.raises((sqlite3.IntegrityError, Conflict)):
@@ -220,7 +230,7 @@ def test_concurrent_inserts_of_one_name_have_exactly_one_winner(store: Store) ->
 
 
 @pytest.fixture
-def found(kind: tuple[Table[Any], Factory]) -> Table[Any]:
+def found(kind: tuple[Table[Any, Any], Factory]) -> Table[Any, Any]:
     table, make = kind
     table.insert(make("web", "abc123"))
     table.insert(make("db", "abd456"))
@@ -228,19 +238,19 @@ def found(kind: tuple[Table[Any], Factory]) -> Table[Any]:
     return table
 
 
-def test_find_by_exact_id(found: Table[Any]) -> None:
+def test_find_by_exact_id(found: Table[Any, Any]) -> None:
     assert found.find("abd456").name == "db"
 
 
-def test_find_by_exact_name(found: Table[Any]) -> None:
+def test_find_by_exact_name(found: Table[Any, Any]) -> None:
     assert found.find("web").id == "abc123"
 
 
-def test_an_exact_name_wins_over_an_id_prefix(found: Table[Any]) -> None:
+def test_an_exact_name_wins_over_an_id_prefix(found: Table[Any, Any]) -> None:
     assert found.find("abc").id == "fff000"
 
 
-def test_an_exact_id_wins_over_an_exact_name(kind: tuple[Table[Any], Factory]) -> None:
+def test_an_exact_id_wins_over_an_exact_name(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("zzz", "target"))
     table.insert(make("target", "other-id"))
@@ -248,12 +258,12 @@ def test_an_exact_id_wins_over_an_exact_name(kind: tuple[Table[Any], Factory]) -
 
 
 @pytest.mark.parametrize(("ref", "name"), [("abc1", "web"), ("abd", "db"), ("f", "abc"), ("fff00", "abc")])
-def test_find_by_unique_id_prefix(found: Table[Any], ref: str, name: str) -> None:
+def test_find_by_unique_id_prefix(found: Table[Any, Any], ref: str, name: str) -> None:
     assert found.find(ref).name == name
 
 
 @pytest.mark.parametrize("ref", ["a", "ab"])
-def test_an_ambiguous_prefix_is_a_conflict(found: Table[Any], ref: str) -> None:
+def test_an_ambiguous_prefix_is_a_conflict(found: Table[Any, Any], ref: str) -> None:
     with pytest.raises(Conflict) as info:
         found.find(ref)
     assert "ambiguous" in info.value.message
@@ -261,14 +271,14 @@ def test_an_ambiguous_prefix_is_a_conflict(found: Table[Any], ref: str) -> None:
 
 
 @pytest.mark.parametrize("ref", ["nope", "abc1234", "zz", "", "123", "bc123", "e", "eb", "b", "WEB"])
-def test_unknown_refs_are_not_found(found: Table[Any], ref: str) -> None:
+def test_unknown_refs_are_not_found(found: Table[Any, Any], ref: str) -> None:
     with pytest.raises(NotFound) as info:
         found.find(ref)
     assert repr(ref) in info.value.message
     assert found.kind in info.value.message
 
 
-def test_a_substring_of_a_name_never_matches(kind: tuple[Table[Any], Factory]) -> None:
+def test_a_substring_of_a_name_never_matches(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("my-web-server", "0123"))
     for ref in ("my-web", "web", "server", "web-server", "my-web-serve"):
@@ -277,14 +287,14 @@ def test_a_substring_of_a_name_never_matches(kind: tuple[Table[Any], Factory]) -
 
 
 @pytest.mark.parametrize("ref", ["%", "_", "%1", "_b", "a%", "a_", "\\", "a\\"])
-def test_like_wildcards_in_a_ref_are_literal(kind: tuple[Table[Any], Factory], ref: str) -> None:
+def test_like_wildcards_in_a_ref_are_literal(kind: tuple[Table[Any, Any], Factory], ref: str) -> None:
     table, make = kind
     table.insert(make("one", "ab1"))
     with pytest.raises(NotFound):
         table.find(ref)
 
 
-def test_underscore_and_percent_prefixes_match_only_themselves(kind: tuple[Table[Any], Factory]) -> None:
+def test_underscore_and_percent_prefixes_match_only_themselves(kind: tuple[Table[Any, Any], Factory]) -> None:
     table, make = kind
     table.insert(make("one", "a_1"))
     table.insert(make("two", "ax2"))
@@ -306,8 +316,10 @@ def test_a_failing_transaction_rolls_back(store: Store) -> None:
 
     with pytest.raises(RuntimeError), store.transaction() as db:
         db.execute("DELETE FROM images")
+        v = volume("v", "v")
         db.execute(
-            "INSERT INTO volumes (id, name, wire) VALUES (?, ?, ?)", ("v", "v", volume("v", "v").obj.model_dump_json())
+            "INSERT INTO volumes (id, name, wire, meta) VALUES (?, ?, ?, ?)",
+            ("v", "v", v.obj.model_dump_json(), v.meta.model_dump_json()),
         )
         raise RuntimeError("boom")
 
@@ -345,7 +357,7 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         assert [r.obj for r in second.instances.all()] == [inst.obj]
         assert [r.name for r in second.volumes.all()] == ["vol2"]
         got = second.images.find("img")
-        assert got.internal == img.internal
+        assert got.meta == img.meta
         assert second.images.get("i1") is not None
         mode = second.query("PRAGMA journal_mode")[0][0]
         assert mode.lower() == "wal"
@@ -420,6 +432,6 @@ def test_is_valid_name_examples(name: str, valid: bool) -> None:
     assert is_valid_name(name) is valid
 
 
-def test_an_id_prefix_is_case_sensitive(found: Table[Any]) -> None:
+def test_an_id_prefix_is_case_sensitive(found: Table[Any, Any]) -> None:
     with pytest.raises(NotFound):
         found.find("ABC1")

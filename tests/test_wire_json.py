@@ -9,14 +9,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from unik.manager import Manager
+from tests.conftest import image_meta, instance_meta, services_of
 from unik.models import Image, Instance, InstanceState, now_rfc3339
 from unik.store import Record, Store
-
-
-def manager_of(api: TestClient) -> Manager:
-    manager: Manager = api.app.state.manager  # type: ignore[attr-defined]
-    return manager
 
 
 def instance(name: str, state: InstanceState = InstanceState.stopped) -> Instance:
@@ -31,10 +26,10 @@ def instance(name: str, state: InstanceState = InstanceState.stopped) -> Instanc
 
 
 def test_lists_and_lookups_match_the_models(api: TestClient) -> None:
-    store = manager_of(api).store
+    store = services_of(api).ctx.store
     records = [instance(f"vm{n}") for n in range(3)]
     for obj in records:
-        store.instances.insert(Record(obj, {"provider": "qemu"}))
+        store.instances.insert(Record(obj, instance_meta()))
     listed = api.get("/instances")
     assert listed.status_code == 200
     assert listed.headers["content-type"] == "application/json"
@@ -45,12 +40,12 @@ def test_lists_and_lookups_match_the_models(api: TestClient) -> None:
 
 
 def test_a_changed_record_is_served_changed(api: TestClient) -> None:
-    store = manager_of(api).store
+    store = services_of(api).ctx.store
     obj = instance("vm")
-    store.instances.insert(Record(obj, {"provider": "qemu"}))
+    store.instances.insert(Record(obj, instance_meta()))
     assert api.get("/instances/vm").json()["State"] == "stopped"
     obj.State = InstanceState.running.value
-    store.instances.update(Record(obj, {"provider": "qemu"}))
+    store.instances.update(Record(obj, instance_meta()))
     assert api.get("/instances/vm").json()["State"] == "running"
     assert api.get("/instances").json()[0]["State"] == "running"
 
@@ -60,7 +55,7 @@ def test_rows_of_an_older_daemon_gain_the_new_fields(data_dir: Path) -> None:
 
     store = Store(data_dir / "unik.db")
     image = Image(Id="a" * 32, Name="old", SizeMb=1, Infrastructure="QEMU", Created=now_rfc3339())
-    store.images.insert(Record(image, {}))
+    store.images.insert(Record(image, image_meta()))
     wire = json.loads(image.model_dump_json())
     del wire["RunSpec"]  # as if written before the field existed
     with store.transaction() as db:
@@ -72,8 +67,8 @@ def test_rows_of_an_older_daemon_gain_the_new_fields(data_dir: Path) -> None:
 
 
 def test_in_state_parses_only_the_matching_rows(api: TestClient) -> None:
-    store = manager_of(api).store
+    store = services_of(api).ctx.store
     running = instance("up", InstanceState.running)
-    store.instances.insert(Record(running, {}))
-    store.instances.insert(Record(instance("down"), {}))
+    store.instances.insert(Record(running, instance_meta()))
+    store.instances.insert(Record(instance("down"), instance_meta()))
     assert [r.id for r in store.instances.in_state(InstanceState.running.value)] == [running.Id]

@@ -9,8 +9,8 @@ package database (a toolchain upgraded with apt changes the key). Builds allowed
 network are never cached: what they download may differ from one build to the next.
 
 An entry is a folder `<data>/cache/images/<key>/` holding hard links to a built image's
-`kernel` and `initrd` plus `meta.json` (the image digest, size and what the record needs
-that is not in the files). Hard links cost no space while the image exists and keep the
+files (those its Artifact names) plus `meta.json` (the artifact, the image digest, size and
+what the record needs that is not in the files). Hard links cost no space while the image exists and keep the
 files when it is deleted. An entry is trusted only if its files still hash to the recorded
 digest; anything else is dropped and the image rebuilt. The cache keeps the most recently
 used entries, bounded by count and bytes.
@@ -28,25 +28,27 @@ import os
 import shutil
 import uuid
 import zlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ValidationError
+
+from unik.artifacts import artifact_digest, hardlink_or_copy
+from unik.models import Artifact
 
 log = logging.getLogger(__name__)
 
 # Bumped when the entry layout or the key's ingredients change, so old entries never match.
-FORMAT = "unik-build-cache-1"
+FORMAT = "unik-build-cache-2"
 MAX_ENTRIES = 32
 MAX_BYTES = 4 << 30
 _PACKAGE_DB = Path("/var/lib/dpkg/status")
-_FILES = ("kernel", "initrd")
 
 
-@dataclass(frozen=True)
-class CachedBuild:
-    """What a cache entry holds besides the two files."""
+class CachedBuild(BaseModel):
+    """What a cache entry holds besides the files."""
 
+    artifact: Artifact
     digest: str
     size: int
     memory_mb: int
@@ -118,27 +120,25 @@ class BuildCache:
         for leftover in self.root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def restore(
-        self, key: str, staging: Path, digest_of: Callable[[Path, Path], tuple[str, int]]
-    ) -> CachedBuild | None:
+    def restore(self, key: str, staging: Path) -> CachedBuild | None:
         """Hard-link the entry's files into `staging` and return its metadata, or None (a miss).
 
-        `digest_of` is the image digest function: an entry whose files no longer hash to what
-        was recorded is dropped, so a damaged cache costs a rebuild, never a broken image."""
+        An entry whose files no longer hash to the recorded image digest is dropped, so a
+        damaged cache costs a rebuild, never a broken image."""
         entry = self.root / key
         try:
-            meta = CachedBuild(**json.loads((entry / "meta.json").read_text()))
+            meta = CachedBuild.model_validate_json((entry / "meta.json").read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, ValidationError) as exc:
             log.warning("build cache entry %s is unreadable (%s): dropped", key[:16], exc)
             self._drop(entry)
             return None
         try:
             staging.mkdir(parents=True)
-            for name in _FILES:
+            for name in meta.artifact.names:
                 os.link(entry / name, staging / name)
-            digest, size = digest_of(staging / "kernel", staging / "initrd")
+            digest, size = artifact_digest(staging, meta.artifact)
         except OSError as exc:
             # Also an entry evicted by a concurrent build between our read and our links.
             log.warning("build cache entry %s is incomplete (%s): dropped", key[:16], exc)
@@ -161,9 +161,9 @@ class BuildCache:
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         try:
             tmp.mkdir()
-            for name in _FILES:
-                _link_or_copy(staging / name, tmp / name)
-            (tmp / "meta.json").write_text(json.dumps(asdict(meta)))
+            for name in meta.artifact.names:
+                hardlink_or_copy(staging / name, tmp / name)
+            (tmp / "meta.json").write_text(meta.model_dump_json())
             # rename is atomic: a concurrent lookup sees the whole entry or none. If another
             # build stored the same key meanwhile its entry is as good as ours: keep it.
             if entry.exists():
@@ -211,18 +211,14 @@ class BuildCache:
 def _entry_bytes(entry: Path) -> int:
     """Bytes the entry alone keeps on disk: a file still linked from an image costs nothing extra."""
     total = 0
-    for name in _FILES:
+    for path in entry.iterdir():
+        if path.name == "meta.json":
+            continue
         with contextlib.suppress(OSError):
-            stat = (entry / name).stat()
+            stat = path.stat()
             # The kernel is shared by every image and the kernel cache; an initrd whose image
             # was deleted is held only here.
             if stat.st_nlink <= 1:
                 total += stat.st_size
     return total
 
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)

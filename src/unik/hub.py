@@ -5,17 +5,12 @@ credentials allow), one object per image at `hub.key` (default `<user>/<image>/l
 the original UniK hub's layout). The request's HubConfig names the endpoint (`url`) and the
 credentials: `user` is the access key id, `pass` the secret key.
 
-The artifact is one object: an uncompressed tar (PAX) of exactly three regular files,
-    manifest.json   {"format": 1, "image": <Image JSON>, "digest": "sha256:...", "provider": ...,
-                     "compiler": ..., "kernel_version": ..., "args": [...]}
-    kernel          the uncompressed vmlinux the image boots
-    initrd          the image's initramfs
-so `aws s3 cp s3://unik-hub/me/hello/latest - | tar x` gives back the image's folder.
-Uncompressed because kernel and initramfs are read and written as they are: packing and
-unpacking run at disk speed and stay out of the CPU's way.
+The artifact is one object, the image's archive (artifacts.archive: manifest.json, then
+the files its Artifact names), so `aws s3 cp s3://unik-hub/me/hello/latest - | tar x` gives
+back the image's folder.
 
 Its metadata travels as the object's user metadata (x-amz-meta-unik-*): the format version,
-the sha256 of the whole artifact, the image digest (see manager._image_digest) and the
+the sha256 of the whole artifact, the image digest (artifacts.artifact_digest) and the
 provider. Metadata and content are replaced together by one upload, so the checksum can
 never describe another push. A pull downloads into the daemon's tmp dir, checks the
 artifact's sha256 before unpacking, and the caller recomputes the image digest from the
@@ -23,17 +18,13 @@ unpacked files before the image is recorded; anything else is a 502 and leaves n
 
 Transfers are multipart and streamed from and to disk; memory stays near
 `multipart_chunk_mb x max_concurrency` whatever the image size. Every function here
-blocks: the manager runs them in threads.
+blocks: services.hub runs them in threads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import re
-import shutil
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,18 +39,11 @@ import botocore.config
 import botocore.exceptions
 import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
-from pydantic import BaseModel, ValidationError
 
+from unik.artifacts.archive import ARTIFACT_FORMAT
 from unik.config import HubSettings
 from unik.errors import BadGateway, BadRequest, Forbidden, NotFound, Unauthorized, UnikError
-from unik.models import HubConfig, HubImage, HubTransfer, Image
-
-ARTIFACT_FORMAT = 1
-MANIFEST = "manifest.json"
-KERNEL = "kernel"
-INITRD = "initrd"
-_MEMBERS = (MANIFEST, KERNEL, INITRD)
-_MAX_MANIFEST_BYTES = 1 << 20
+from unik.models import HubConfig, HubImage, HubTransfer
 
 # x-amz-meta-* names; S3 lower-cases them on the way back anyway.
 META_FORMAT = "unik-format"
@@ -81,18 +65,6 @@ _UNAUTHORIZED = {
 # Credentials right, permission missing.
 _FORBIDDEN = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
-
-
-class Manifest(BaseModel):
-    """manifest.json inside the artifact: what a pull needs to record the image."""
-
-    format: int = ARTIFACT_FORMAT
-    image: Image
-    digest: str
-    provider: str
-    compiler: str = ""
-    kernel_version: str = ""
-    args: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -167,70 +139,6 @@ class TransferBoard:
         with self._lock:
             transfers = list(self._active.values())
         return [t.to_wire() for t in transfers]
-
-
-# -- the artifact -----------------------------------------------------------------------------
-
-
-def pack_artifact(manifest: Manifest, kernel: Path, initrd: Path, dest: Path) -> str:
-    """Write the artifact tar to `dest`, streamed from disk; returns its sha256 (hex)."""
-    body = manifest.model_dump_json().encode()
-    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_member(MANIFEST, len(body)), io.BytesIO(body))
-        for name, path in ((KERNEL, kernel), (INITRD, initrd)):
-            with open(path, "rb") as source:
-                tar.addfile(_member(name, path.stat().st_size), source)
-    with open(dest, "rb") as artifact:
-        return hashlib.file_digest(artifact, "sha256").hexdigest()
-
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed owner, mode and time: the same image always packs to the same bytes.
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    return info
-
-
-def unpack_artifact(artifact: Path, expected_sha256: str, staging: Path) -> Manifest:
-    """Check the artifact's sha256, then extract its three files into `staging`.
-
-    Only the three expected names, only regular files, each once: a damaged or hostile
-    artifact can place nothing anywhere else. Raises BadGateway on any damage.
-    """
-    with open(artifact, "rb") as f:
-        actual = hashlib.file_digest(f, "sha256").hexdigest()
-    if actual != expected_sha256:
-        raise BadGateway(f"the downloaded image is corrupt: sha256 {actual} does not match the hub's {expected_sha256}")
-    staging.mkdir(parents=True)
-    seen: set[str] = set()
-    manifest: Manifest | None = None
-    try:
-        with tarfile.open(artifact, "r:") as tar:
-            for member in tar:
-                if member.name not in _MEMBERS or member.name in seen or not member.isreg():
-                    raise BadGateway(f"the downloaded image has an unexpected member {member.name!r}")
-                seen.add(member.name)
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file always has data
-                if member.name == MANIFEST:
-                    if member.size > _MAX_MANIFEST_BYTES:
-                        raise BadGateway("the downloaded image's manifest is implausibly large")
-                    manifest = Manifest.model_validate_json(source.read())
-                else:
-                    with open(staging / member.name, "wb") as target:
-                        shutil.copyfileobj(source, target, 1 << 20)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BadGateway(f"the downloaded image is damaged: {exc}") from exc
-    except ValidationError as exc:
-        raise BadGateway(f"the downloaded image's manifest is invalid: {exc}") from exc
-    missing = set(_MEMBERS) - seen
-    if missing or manifest is None:
-        raise BadGateway(f"the downloaded image lacks {', '.join(sorted(missing))}")
-    if manifest.format != ARTIFACT_FORMAT:
-        raise BadGateway(f"the image on the hub has format {manifest.format}; this daemon reads {ARTIFACT_FORMAT}")
-    return manifest
 
 
 # -- the store --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Wire objects of the UniK API (../shared/API.md): the one source of truth for JSON shapes."""
+"""Wire objects of the UniK API (docs/api.md): the one source of truth for JSON shapes."""
 
 from __future__ import annotations
 

@@ -6,20 +6,18 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from unik.providers.base import ProviderConfig
 
 
-class QemuProviderConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class QemuProviderConfig(ProviderConfig):
     name: str = "qemu"
     # "auto" uses KVM only when the CPU flag is there and a probe succeeds (PLATFORM.md).
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     machine: Literal["pc", "q35"] = "pc"
     kernel_dir: Path | None = None
     qemu_binary: str = "qemu-system-x86_64"
-    default_memory_mb: int = Field(default=128, gt=0)
-    max_memory_mb: int = Field(default=8192, gt=0)
     # Seconds the guest app gets between SIGTERM and SIGKILL on a graceful stop.
     stop_timeout: int = Field(default=5, ge=0, le=600)
     kernel_cmdline: str = ""
@@ -39,19 +37,18 @@ class QemuProviderConfig(BaseModel):
     # kernel-micro`; boots in half the time), or "cloud", Debian's cloud kernel as fetched.
     # Built images keep the kernel they were built with.
     kernel: Literal["cloud", "micro"] = "micro"
-    # The VM's firmware. qboot (shipped with qemu) only sets up what booting Linux needs; under
-    # TCG it reaches the kernel ~0.06-0.09 s sooner than qemu's default, SeaBIOS ("seabios").
+    # The VM's firmware. qboot (shipped with qemu) only sets up what booting Linux needs, so it
+    # reaches the kernel sooner than qemu's default, SeaBIOS ("seabios").
     # qboot never reaches Debian's cloud kernel (it hangs silently), so "auto" is qboot with
     # the micro kernel and SeaBIOS with the cloud one, by the kernel each image was built with.
     firmware: Literal["auto", "qboot", "seabios"] = "auto"
     # Under TCG, qemu's translated-code cache: it fills during boot and stays resident. None
-    # sizes it by the guest's RAM (1/8, at least 16 MiB: ~6 MiB per small instance off the host;
-    # a JVM at 352 MB boots in 6.5 s with 16 MiB, 3.0 s with 32); 0 is qemu's default (1 GiB).
+    # sizes it by the guest's RAM (1/8, at least 16 MiB: small instances cost the host less,
+    # a JVM still gets room); 0 is qemu's default (1 GiB).
     tcg_cache_mb: int | None = Field(default=None, ge=0, le=2048)
     # Where guest RAM comes from. "memfd": shared memory without transparent huge pages, so an
-    # idle guest keeps resident only the pages it touched (64 MB c-hello: 19.6 MiB, against 28.0
-    # with huge pages). "anonymous": qemu's default, the only memory the kernel's samepage
-    # merging (KSM) dedupes across instances (with ksmd running: 2.1 MiB). "auto": anonymous
+    # idle guest keeps resident only the pages it touched. "anonymous": qemu's default, the
+    # only memory the kernel's samepage merging (KSM) dedupes across instances. "auto": anonymous
     # when the host runs KSM (/sys/kernel/mm/ksm/run is 1), a memfd otherwise.
     guest_memory: Literal["auto", "memfd", "anonymous"] = "auto"
 

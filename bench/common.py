@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from unik.testing import start_daemon
+from unik.providers.network import free_port
+from unik.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -31,9 +32,11 @@ def api(base: str) -> httpx.Client:
 
 
 @contextlib.contextmanager
-def daemon(data_dir: Path, config: str = "") -> Iterator[str]:
-    """A running daemon for the duration of the block; yields its base URL."""
-    running = start_daemon(data_dir, config)
+def daemon(data_dir: Path, config: str = "", netns: str | None = None) -> Iterator[str]:
+    """A running daemon for the duration of the block (inside network namespace `netns` when
+    given, reached through a forward from this side's loopback); yields its base URL."""
+    running = DaemonProcess(data_dir, free_port(), netns=netns)
+    running.start(config)
     try:
         yield running.url
     finally:

@@ -4,8 +4,10 @@ Per round (interleaved, so the machine's noise hits all alike):
   user:    POST /instances/run of examples/c-http with a published port → first successful
            GET /ping_test through 127.0.0.1:HOSTPORT; in the same run, the app's first
            console line ("c-http: listening") seen through `logs?follow=true`.
-  bridge:  the same with `network: bridge`, fetching through the instance's IpAddress
-           (only as root with iproute2; the bridge is created and removed by the benchmark).
+  bridge:  the same with `network: bridge`, fetching through the instance's IpAddress (only
+           as root with iproute2). That daemon, its bridge and its VMs live in a network
+           namespace the benchmark creates and deletes; the GETs reach the guest through a
+           forward made from inside it (unik.testing.NetnsForward), never from the host's own.
   modules: what the network costs the boot itself: examples/c-hello booted directly by qemu
            (no daemon) → its first line, with no kernel modules and no NIC, with virtio_net
            (+ deps) and a user-mode NIC that init configures, and with all of BASE_MODULES.
@@ -19,7 +21,6 @@ import argparse
 import contextlib
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -34,12 +35,13 @@ from boot import time_to_line
 from common import api, daemon, publish, tarball
 
 from unik import guest
-from unik.config import QemuProviderConfig
 from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.manager import BASE_MODULES
 from unik.providers.network import USER_GUEST, free_port, mac_address
 from unik.providers.qemu import boot_argv, kvm_usable
+from unik.providers.qemu.config import QemuProviderConfig
+from unik.providers.qemu.provider import BASE_MODULES
+from unik.testing import NetnsForward, NetworkNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_APP = ROOT / "examples" / "c-http"
@@ -59,8 +61,11 @@ def build(base: str, name: str, app: Path) -> None:
     ).raise_for_status()
 
 
-def run_and_ping(base: str, name: str, ports: list[dict[str, int]] | None) -> tuple[float, float]:
-    """(run → first console line, run → first GET /ping_test answered 200)."""
+def run_and_ping(
+    base: str, name: str, ports: list[dict[str, int]] | None, netns: str | None = None
+) -> tuple[float, float]:
+    """(run → first console line, run → first GET /ping_test answered 200). Without `ports` the
+    GETs go to the instance's IpAddress inside network namespace `netns`."""
     first_line: list[float] = []
 
     def follow(started: float) -> None:
@@ -74,7 +79,9 @@ def run_and_ping(base: str, name: str, ports: list[dict[str, int]] | None) -> tu
 
     # Every client is made before the timer starts: making one loads the CA bundle (~30 ms).
     http = api(base)
-    with httpx.Client(base_url=base, timeout=DEADLINE) as logs, httpx.Client(timeout=ATTEMPT_TIMEOUT) as pings:
+    with contextlib.ExitStack() as stack:
+        logs = stack.enter_context(httpx.Client(base_url=base, timeout=DEADLINE))
+        pings = stack.enter_context(httpx.Client(timeout=ATTEMPT_TIMEOUT))
         started = time.perf_counter()
         body: dict[str, object] = {"InstanceName": name, "ImageName": "web"}
         if ports:
@@ -83,11 +90,12 @@ def run_and_ping(base: str, name: str, ports: list[dict[str, int]] | None) -> tu
         response.raise_for_status()
         follower = threading.Thread(target=follow, args=(started,), daemon=True)
         follower.start()
-        url = (
-            f"http://127.0.0.1:{ports[0]['HostPort']}/ping_test"
-            if ports
-            else f"http://{response.json()['IpAddress']}:8080/ping_test"
-        )
+        if ports:
+            url = f"http://127.0.0.1:{ports[0]['HostPort']}/ping_test"
+        else:
+            assert netns is not None, "an instance without published ports is reached in its namespace"
+            forward = stack.enter_context(NetnsForward(netns, (response.json()["IpAddress"], 8080)))
+            url = f"http://127.0.0.1:{forward.port}/ping_test"
         while time.perf_counter() - started < DEADLINE:
             # Short attempts: a request sent before the guest's interface is up is never
             # answered (slirp or the host's TCP retransmits it seconds later), so it is
@@ -159,7 +167,7 @@ def main() -> int:
     kernel = load_kernel(default_kernel_root())
     accel = "kvm" if kvm_usable()[0] else "tcg"
     bridge_ok = os.geteuid() == 0 and shutil.which("ip") is not None
-    bridge = f"unikb{secrets.token_hex(4)}"
+    bridge = "unikb0"  # inside the benchmark's own namespace: no clash with the host's
     results: dict[str, list[float]] = {
         key: []
         for key in ("user_line", "user_ping", "bridge_line", "bridge_ping", "no_modules", "net_modules", "base_modules")
@@ -170,12 +178,13 @@ def main() -> int:
         initrds = {
             "no_modules": hello_initrd(kernel, work, [], "none"),
             "net_modules": hello_initrd(kernel, work, ["virtio_pci", "virtio_net"], "net"),
-            "base_modules": hello_initrd(kernel, work, BASE_MODULES, "base"),
+            "base_modules": hello_initrd(kernel, work, list(BASE_MODULES), "base"),
         }
         with contextlib.ExitStack() as stack:
             user = stack.enter_context(daemon(work / "user"))
             build(user, "web", HTTP_APP)
-            bridged = stack.enter_context(daemon(work / "bridge", bridge_config)) if bridge_ok else None
+            space = stack.enter_context(NetworkNamespace.create("unikb")) if bridge_ok else None
+            bridged = stack.enter_context(daemon(work / "bridge", bridge_config, space.name)) if space else None
             if bridged:
                 build(bridged, "web", HTTP_APP)
             for n in range(options.rounds):
@@ -183,7 +192,7 @@ def main() -> int:
                 results["user_line"].append(line)
                 results["user_ping"].append(ping)
                 if bridged:
-                    line, ping = run_and_ping(bridged, f"bridge-{n}", None)
+                    line, ping = run_and_ping(bridged, f"bridge-{n}", None, space.name if space else None)
                     results["bridge_line"].append(line)
                     results["bridge_ping"].append(ping)
                 for key, initrd in initrds.items():
@@ -193,8 +202,6 @@ def main() -> int:
                     file=sys.stderr,
                 )
     finally:
-        if bridge_ok:
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
     report = "\n".join(

@@ -1,6 +1,8 @@
 """Reachable instances: published ports (user-mode networking) and bridge addresses.
 
-Traffic goes only to 127.0.0.0/8 and to the bridge subnet these tests create themselves.
+Traffic goes only to 127.0.0.0/8, and to guests inside a network namespace the test itself
+created: every bridge, tap, bridged VM and daemon running them lives in such a namespace, and
+requests to their addresses are made from inside it (see unik.testing.NetworkNamespace).
 """
 
 from __future__ import annotations
@@ -13,23 +15,28 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, requires_vm
-from unik.cli import _parse_publish
+from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, instance_meta, requires_vm
+from unik.cli.instances import parse_publish
 from unik.client import UnikAPIError, UnikClient
-from unik.config import QemuProviderConfig
+from unik.errors import UnikError
 from unik.guest import run_config_cpio
 from unik.models import Instance, InstanceState, now_rfc3339
-from unik.providers.network import mac_address, tap_name
+from unik.providers import network
+from unik.providers.network import HostNetwork, mac_address, tap_name
+from unik.providers.qemu.config import QemuProviderConfig
 from unik.store import Record, Store
+from unik.testing import NetnsForward, NetworkNamespace, enter_netns, in_netns
 
 BOOT_TIMEOUT = 90.0
 RUN = "/instances/run"
@@ -80,13 +87,13 @@ def test_run_config_net_file() -> None:
 
 
 def test_publish_flag_parsing() -> None:
-    assert _parse_publish(["18080:8080", "5353:53/udp"]) == [
+    assert parse_publish(["18080:8080", "5353:53/udp"]) == [
         {"HostPort": 18080, "GuestPort": 8080, "Protocol": "tcp"},
         {"HostPort": 5353, "GuestPort": 53, "Protocol": "udp"},
     ]
     for bad in ("8080", "a:b", ":80", "80:"):
         with pytest.raises(ValueError):
-            _parse_publish([bad])
+            parse_publish([bad])
 
 
 def test_bridge_config_needs_bridge_and_subnet() -> None:
@@ -131,7 +138,7 @@ def test_a_start_frees_the_addresses_of_instances_no_record_names(tmp_path: Path
     store = Store(tmp_path / "unik.db")
     recorded = Instance(Id="a" * 32, Name="recorded", State=InstanceState.running.value, IpAddress="",
                         ImageId="img", Infrastructure="QEMU", Created=now_rfc3339())  # fmt: skip
-    store.instances.insert(Record(recorded, {}))
+    store.instances.insert(Record(recorded, instance_meta()))
     kept = store.allocate_address(recorded.Id, iter(hosts))
     lost = store.allocate_address("b" * 32, iter(hosts))  # its record lost (a restore, a crash)
     store.release_unheld_addresses()
@@ -242,89 +249,277 @@ def test_same_host_port_twice_is_409_and_nothing_left(client: UnikClient, daemon
     assert client.instances.get("first").State == "stopped"
 
 
-# -- bridge networking -------------------------------------------------------------------------
-
-needs_root_and_ip = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="bridge networking needs root and iproute2"
-)
-
-
-def _links_on(bridge: str) -> list[str]:
-    out = subprocess.run(["ip", "-j", "link", "show", "master", bridge], capture_output=True, text=True)
-    return [link["ifname"] for link in json.loads(out.stdout or "[]")] if out.returncode == 0 else []
-
-
-def _link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+# -- bridge networking: each test in a network namespace of its own ---------------------------------
 
 
 @pytest.fixture
-def bridge_daemon(data_dir: Path) -> Iterator[tuple[Daemon, str, IPv4Network]]:
-    bridge = f"unikt{secrets.token_hex(4)}"
-    subnet = IPv4Network(f"10.213.{secrets.randbelow(250) + 1}.0/24")
-    (data_dir / "daemon-config.yaml").write_text(
-        f"providers:\n  qemu:\n    network: bridge\n    bridge: {bridge}\n    subnet: {subnet}\n"
-    )
-    running = Daemon(data_dir, free_port())
-    running.start()
+def netns() -> Iterator[NetworkNamespace]:
+    """A fresh namespace; at teardown whatever still runs in it is killed and it is removed,
+    with the bridge and taps in it. Skips where one cannot be made."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("bridge networking needs root and iproute2")
+    try:
+        space = NetworkNamespace.create()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot create a network namespace here: {getattr(exc, 'stderr', None) or exc}")
+    try:
+        yield space
+    finally:
+        space.delete()
+
+
+def _bridge_config(bridge: str = "unikbr0", subnet: str = "10.213.7.0/24") -> QemuProviderConfig:
+    return QemuProviderConfig(network="bridge", bridge=bridge, subnet=subnet)
+
+
+def _link(netns: NetworkNamespace, name: str) -> dict[str, Any] | None:
+    shown = netns.ip("-d", "-j", "addr", "show", "dev", name, check=False)
+    return json.loads(shown.stdout)[0] if shown.returncode == 0 else None
+
+
+def _addresses(netns: NetworkNamespace, name: str) -> list[str]:
+    link = _link(netns, name) or {}
+    return sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", []) if a["family"] == "inet")
+
+
+def _links_on(netns: NetworkNamespace, bridge: str) -> list[str]:
+    shown = netns.ip("-j", "link", "show", "master", bridge, check=False)
+    return sorted(link["ifname"] for link in json.loads(shown.stdout or "[]")) if shown.returncode == 0 else []
+
+
+def _on_the_host(name: str) -> bool:
+    """Whether the host's own namespace (this thread's) has an interface `name`."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _assert_bridge_ready(netns: NetworkNamespace, bridge: str, gateway: str) -> None:
+    link = _link(netns, bridge)
+    assert link is not None
+    assert link["linkinfo"]["info_kind"] == "bridge"
+    assert "UP" in link["flags"]
+    assert _addresses(netns, bridge) == [gateway]
+
+
+def _at_once(netns: NetworkNamespace, calls: list[Callable[[], object]]) -> list[BaseException]:
+    """Run the calls together inside the namespace, released at the same instant; their failures."""
+    start = threading.Barrier(len(calls))
+    failures: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            enter_netns(netns.name)
+            start.wait()
+            call()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
+def test_bridge_is_set_up_on_first_launch_and_then_reused(netns: NetworkNamespace) -> None:
+    config = _bridge_config()
+    first = HostNetwork(config)
+    a, b, c = ("a" * 32, "b" * 32, "c" * 32)
+    in_netns(netns.name, first.prepare, a)
+    _assert_bridge_ready(netns, "unikbr0", "10.213.7.1/24")
+    assert _links_on(netns, "unikbr0") == [tap_name(a)]
+    assert not _on_the_host("unikbr0") and not _on_the_host(tap_name(a))
+    # The next launch, and another daemon sharing the bridge, find it ready and leave it so.
+    in_netns(netns.name, first.prepare, b)
+    in_netns(netns.name, HostNetwork(config).prepare, c)
+    _assert_bridge_ready(netns, "unikbr0", "10.213.7.1/24")
+    assert _links_on(netns, "unikbr0") == sorted(tap_name(i) for i in (a, b, c))
+    in_netns(netns.name, first.release, b)
+    assert _links_on(netns, "unikbr0") == sorted(tap_name(i) for i in (a, c))
+    in_netns(netns.name, first.release, b)  # twice is fine
+
+
+def test_a_bridge_already_there_with_its_address_is_taken_as_it_is(netns: NetworkNamespace) -> None:
+    netns.ip("link", "add", "name", "unikbr0", "type", "bridge")
+    netns.ip("addr", "add", "10.213.7.1/24", "dev", "unikbr0")  # and left down
+    in_netns(netns.name, HostNetwork(_bridge_config()).prepare, "a" * 32)
+    _assert_bridge_ready(netns, "unikbr0", "10.213.7.1/24")
+    assert _links_on(netns, "unikbr0") == [tap_name("a" * 32)]
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [None, network._Link(kind="bridge", addresses=frozenset(), up=False)],
+    ids=["bridge-created-since", "address-assigned-since"],
+)
+def test_work_another_daemon_did_since_we_looked_is_not_an_error(
+    netns: NetworkNamespace, monkeypatch: pytest.MonkeyPatch, stale: network._Link | None
+) -> None:
+    # Another daemon's first boot got there between our look and our step: we act on a view
+    # that no longer holds, and the bridge's `link add` or the address's assignment finds it done.
+    netns.ip("link", "add", "name", "unikbr0", "type", "bridge")
+    netns.ip("addr", "add", "10.213.7.1/24", "dev", "unikbr0")
+    looks: list[str] = []
+    real = network._link_state
+
+    def first_look_is_stale(name: str) -> network._Link | None:
+        looks.append(name)
+        return stale if len(looks) == 1 else real(name)
+
+    monkeypatch.setattr(network, "_link_state", first_look_is_stale)
+    in_netns(netns.name, HostNetwork(_bridge_config()).prepare, "a" * 32)
+    _assert_bridge_ready(netns, "unikbr0", "10.213.7.1/24")
+    assert _links_on(netns, "unikbr0") == [tap_name("a" * 32)]
+
+
+def test_first_boots_of_several_daemons_at_once_share_one_bridge(netns: NetworkNamespace) -> None:
+    for round_ in range(5):
+        bridge = f"unikbr{round_}"
+        config = _bridge_config(bridge, f"10.213.{round_}.0/24")
+        # One HostNetwork per daemon: their locks do not see each other, as in separate processes.
+        daemons = [HostNetwork(config) for _ in range(4)]
+        ids = [secrets.token_hex(16) for _ in daemons]
+        failures = _at_once(netns, [lambda d=d, i=i: d.prepare(i) for d, i in zip(daemons, ids, strict=True)])
+        assert failures == []
+        _assert_bridge_ready(netns, bridge, f"10.213.{round_}.1/24")
+        assert _links_on(netns, bridge) == sorted(tap_name(i) for i in ids)
+
+
+def test_a_name_taken_by_another_kind_of_interface_is_a_clear_error(netns: NetworkNamespace) -> None:
+    netns.ip("tuntap", "add", "dev", "unikbr0", "mode", "tap")
+    with pytest.raises(UnikError, match=r"bridge unikbr0 .*exists and is not a bridge \(a tun interface\)"):
+        in_netns(netns.name, HostNetwork(_bridge_config()).prepare, "a" * 32)
+    # Nothing half-made is left: no tap, the interface untouched.
+    link = _link(netns, "unikbr0")
+    assert link is not None and link["linkinfo"]["info_kind"] == "tun"
+    assert _addresses(netns, "unikbr0") == []
+    assert _link(netns, tap_name("a" * 32)) is None
+
+
+def test_a_gateway_address_held_by_another_interface_is_a_clear_error(netns: NetworkNamespace) -> None:
+    netns.ip("link", "add", "name", "other0", "type", "bridge")
+    netns.ip("addr", "add", "10.213.7.1/16", "dev", "other0")
+    with pytest.raises(UnikError, match=r"gateway 10.213.7.1 is already an address of other0: give this daemon"):
+        in_netns(netns.name, HostNetwork(_bridge_config()).prepare, "a" * 32)
+    assert _addresses(netns, "unikbr0") == [] and _addresses(netns, "other0") == ["10.213.7.1/16"]
+    assert _link(netns, tap_name("a" * 32)) is None
+
+
+def test_a_bridge_the_host_refuses_is_a_clear_error(netns: NetworkNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel's refusal (no CAP_NET_ADMIN, no bridge driver) as `ip` reports it.
+    real = network._run_ip
+
+    def refused(*args: str) -> subprocess.CompletedProcess[str]:
+        if args[:2] == ("link", "add"):
+            return subprocess.CompletedProcess(["ip", *args], 2, "", "RTNETLINK answers: Operation not permitted\n")
+        return real(*args)
+
+    monkeypatch.setattr(network, "_run_ip", refused)
+    with pytest.raises(UnikError, match=r"^network: cannot set up bridge unikbr0 for 10.213.7.0/24: ip link add "
+                       r"name unikbr0 type bridge failed: RTNETLINK answers: Operation not permitted$"):  # fmt: skip
+        in_netns(netns.name, HostNetwork(_bridge_config()).prepare, "a" * 32)
+    assert _link(netns, tap_name("a" * 32)) is None
+
+
+def test_without_iproute2_bridge_mode_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UnikError, match="cannot run iproute2's `ip`"):
+        network._ip("link", "show")
+    with pytest.raises(ValueError, match="network: bridge needs"):
+        HostNetwork(_bridge_config())
+
+
+def guest_get(netns: NetworkNamespace, address: str, path: str) -> httpx.Response:
+    """GET from the app of a guest on the namespace's bridge, connecting from inside the namespace."""
+    with NetnsForward(netns.name, (address, 8080)) as forward:
+        return fetch(f"http://127.0.0.1:{forward.port}{path}")
+
+
+def _bridge_daemon(data_dir: Path, netns: NetworkNamespace, bridge: str, subnet: IPv4Network) -> Daemon:
+    """A started daemon in bridge mode inside the test's namespace (so are its bridge, taps and
+    VMs), its API forwarded to 127.0.0.1 here. The netns fixture ends its VMs and the namespace."""
+    config = f"providers:\n  qemu:\n    network: bridge\n    bridge: {bridge}\n    subnet: {subnet}\n"
+    running = Daemon(data_dir, free_port(), netns=netns.name)
+    running.start(config)
+    return running
+
+
+@pytest.fixture
+def bridge_daemon(data_dir: Path, netns: NetworkNamespace) -> Iterator[tuple[Daemon, str, IPv4Network]]:
+    bridge, subnet = "unikbr0", IPv4Network("10.213.7.0/24")
+    running = _bridge_daemon(data_dir, netns, bridge, subnet)
     try:
         yield running, bridge, subnet
     finally:
         running.stop()
-        for pid in qemu_pids(data_dir):
-            os.kill(pid, signal.SIGKILL)
-        for folder in data_dir.glob("instances/*"):
-            tap = tap_name(folder.name)
-            if _link_exists(tap):
-                subprocess.run(["ip", "link", "del", tap], check=False)
-        if _link_exists(bridge):
-            subprocess.run(["ip", "link", "del", bridge], check=False)
+
+
+@requires_vm
+def test_a_bridge_that_cannot_be_set_up_fails_the_run_with_its_reason(data_dir: Path, netns: NetworkNamespace) -> None:
+    netns.ip("tuntap", "add", "dev", "unikbr0", "mode", "tap")
+    daemon = _bridge_daemon(data_dir, netns, "unikbr0", IPv4Network("10.213.7.0/24"))
+    try:
+        with UnikClient(daemon.host) as client:
+            client.images.build("web", EXAMPLES / "c-http", "linux", "c", "qemu")
+            with pytest.raises(UnikAPIError) as failed:
+                client.instances.run("a", "web")
+            assert failed.value.status_code == 500
+            assert failed.value.message.startswith("network: cannot set up bridge unikbr0 for 10.213.7.0/24: ")
+            assert "is not a bridge" in failed.value.message
+    finally:
+        daemon.stop()
+    assert qemu_pids(data_dir) == []
+    assert "Traceback" not in (data_dir / "daemon.log").read_text()
 
 
 @pytest.mark.vm
 @requires_vm
-@needs_root_and_ip
 def test_bridge_addresses_are_real_unique_and_survive_restart(
-    bridge_daemon: tuple[Daemon, str, IPv4Network],
+    bridge_daemon: tuple[Daemon, str, IPv4Network], netns: NetworkNamespace
 ) -> None:
     daemon, bridge, subnet = bridge_daemon
     with UnikClient(daemon.host) as client:
         client.images.build("web", EXAMPLES / "c-http", "linux", "c", "qemu")
         a = client.instances.run("a", "web", env={"KEY": "alpha"})
         b = client.instances.run("b", "web", env={"KEY": "beta"})
-        assert _link_exists(bridge)
-        assert sorted(_links_on(bridge)) == sorted([tap_name(a.Id), tap_name(b.Id)])
+        assert _link(netns, bridge) is not None and not _on_the_host(bridge)
+        assert _links_on(netns, bridge) == sorted([tap_name(a.Id), tap_name(b.Id)])
         addresses = {a.IpAddress, b.IpAddress}
         assert len(addresses) == 2
         assert all(IPv4Address(ip) in subnet and IPv4Address(ip) != next(subnet.hosts()) for ip in addresses)
-        assert fetch(f"http://{a.IpAddress}:8080/env_test").text == "alpha"
-        assert fetch(f"http://{b.IpAddress}:8080/ping_test").json() == {"message": "pong"}
-        # Ports are a user-mode feature.
+        assert guest_get(netns, a.IpAddress, "/env_test").text == "alpha"
+        assert guest_get(netns, b.IpAddress, "/ping_test").json() == {"message": "pong"}
+        # Ports are a user-mode feature: a bridge provider declares it cannot publish them.
         with pytest.raises(UnikAPIError) as refused:
             client.instances.run("c", "web", ports=[{"HostPort": free_port(), "GuestPort": 8080}])
-        assert refused.value.status_code == 400
+        assert refused.value.status_code == 501
+        assert "publish" in str(refused.value)
 
     daemon.kill()  # kill -9: the VMs and their taps must outlive it
-    assert sorted(_links_on(bridge)) == sorted([tap_name(a.Id), tap_name(b.Id)])
+    assert _links_on(netns, bridge) == sorted([tap_name(a.Id), tap_name(b.Id)])
     daemon.start()
     with UnikClient(daemon.host) as client:
         assert client.instances.get("a").IpAddress == a.IpAddress
         assert client.instances.get("b").IpAddress == b.IpAddress
-        assert fetch(f"http://{a.IpAddress}:8080/env_test").text == "alpha"
+        assert guest_get(netns, a.IpAddress, "/env_test").text == "alpha"
         c = client.instances.run("c", "web")
         assert c.IpAddress not in addresses
         # Stop removes the tap but the address stays with the instance across start.
         client.instances.stop("a")
-        assert tap_name(a.Id) not in _links_on(bridge)
+        assert tap_name(a.Id) not in _links_on(netns, bridge)
         client.instances.start("a")
         assert client.instances.get("a").IpAddress == a.IpAddress
-        assert fetch(f"http://{a.IpAddress}:8080/env_test").text == "alpha"
+        assert guest_get(netns, a.IpAddress, "/env_test").text == "alpha"
         # A VM that ends on its own: the monitor notices and removes its tap.
         os.kill(qemu_pids_of(daemon.data_dir, b.Id), signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while tap_name(b.Id) in _links_on(bridge) and time.monotonic() < deadline:
+        while tap_name(b.Id) in _links_on(netns, bridge) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert tap_name(b.Id) not in _links_on(bridge)
+        assert tap_name(b.Id) not in _links_on(netns, bridge)
         assert client.instances.get("b").State == "stopped"
         # Delete releases the address: the next instance gets it back.
         client.instances.delete("b", force=True)
@@ -332,7 +527,7 @@ def test_bridge_addresses_are_real_unique_and_survive_restart(
         assert d.IpAddress == b.IpAddress
         for name in ("a", "c", "d"):
             client.instances.delete(name, force=True)
-        assert _links_on(bridge) == []
+        assert _links_on(netns, bridge) == []
 
 
 def qemu_pids_of(data_dir: Path, instance_id: str) -> int:

@@ -17,7 +17,6 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from unik.cli import hub, images, instances, system, volumes
-from unik.cli.instances import _parse_publish as _parse_publish
 from unik.cli.output import cli_errors, print_images, print_instances, print_volumes
 from unik.cli.settings import (
     HostOpt,

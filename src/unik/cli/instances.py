@@ -32,7 +32,7 @@ def _parse_vols(values: Iterable[str] | None) -> dict[str, str]:
     return mounts
 
 
-def _parse_publish(values: Iterable[str] | None) -> list[dict[str, Any]]:
+def parse_publish(values: Iterable[str] | None) -> list[dict[str, Any]]:
     """`--publish 18080:8080` or `18080:8080/udp`, as `docker run -p` spells it."""
     ports: list[dict[str, Any]] = []
     for value in values or ():
@@ -57,7 +57,9 @@ def run(
     host: HostOpt = None,
     publish: Annotated[
         list[str] | None,
-        typer.Option("--publish", "-p", help="HOST:GUEST[/udp]: forward a host port to the guest (repeatable)."),
+        typer.Option(
+            "--publish", "-p", help="HOST:GUEST or HOST:GUEST/udp: forward a host port to the guest (repeatable)."
+        ),
     ] = None,
 ) -> None:
     """Boot an instance of an image."""
@@ -69,7 +71,7 @@ def run(
         memory_mb=instance_memory,
         no_cleanup=no_cleanup,
         debug_mode=debug_mode,
-        ports=_parse_publish(publish),
+        ports=parse_publish(publish),
     )
     print_instances([instance])
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from common import api, daemon, publish, tarball
 
 from unik import guest
-from unik.config import QemuProviderConfig
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.providers.qemu import boot_argv, kvm_usable
+from unik.providers.qemu.config import QemuProviderConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "c-hello"

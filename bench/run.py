@@ -57,7 +57,7 @@ from boot import (
 )
 from common import EXAMPLES, RESULTS, api, tarball
 
-from unik.models import Image, ImageRunSpec, Instance, InstanceState, now_rfc3339
+from unik.models import Image, ImageMeta, ImageRunSpec, Instance, InstanceMeta, InstanceState, LaunchSpec, now_rfc3339
 from unik.providers.qemu import kvm_usable
 from unik.store import Record, Store
 from unik.testing import DaemonProcess, qemu_memory, start_daemon
@@ -258,9 +258,8 @@ def seed_records(data_dir: Path, instances: int) -> str:
         Created=now_rfc3339(),
         RunSpec=ImageRunSpec(DefaultInstanceMemory=128, Compiler="linux-c-qemu"),
     )
-    store.images.insert(
-        Record(image, {"provider": "qemu", "compiler": "linux-c-qemu", "digest": "sha256:" + "0" * 64, "args": []})
-    )
+    meta = ImageMeta(provider="qemu", compiler="linux-c-qemu", digest="sha256:" + "0" * 64)
+    store.images.insert(Record(image, meta))
     for n in range(instances):
         instance = Instance(
             Id=uuid.uuid4().hex,
@@ -271,8 +270,8 @@ def seed_records(data_dir: Path, instances: int) -> str:
             Infrastructure="QEMU",
             Created=now_rfc3339(),
         )
-        spec = {"memory_mb": 128, "env": {"KEY": "value"}, "args": [], "ports": [], "volumes": [], "hostname": ""}
-        store.instances.insert(Record(instance, {"provider": "qemu", "spec": spec, "no_cleanup": False}))
+        spec = LaunchSpec(image_id=image.Id, memory_mb=128, env={"KEY": "value"}, args=[])
+        store.instances.insert(Record(instance, InstanceMeta(provider="qemu", spec=spec)))
     store.close()
     return image.Name
 

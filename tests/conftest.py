@@ -16,7 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from unik.client import UnikClient
+from unik.models import ImageMeta, InstanceMeta, LaunchSpec, VolumeMeta
 from unik.providers.network import free_port
+from unik.services import Services
 from unik.testing import DaemonProcess as Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def kernel_available() -> bool:
-    from unik.config import QemuProviderConfig
     from unik.kernel import default_kernel_root, load
+    from unik.providers.qemu.config import QemuProviderConfig
 
     try:
         # The kernel a default provider builds images with.
@@ -88,9 +90,28 @@ def hello_tgz() -> bytes:
     return folder_tar_gz(EXAMPLES / "c-hello")
 
 
+def services_of(api: TestClient) -> Services:
+    """The services behind an in-process app, to read or arrange what the API cannot."""
+    services: Services = api.app.state.services  # type: ignore[attr-defined]
+    return services
+
+
+def image_meta(provider: str = "qemu", **fields: object) -> ImageMeta:
+    return ImageMeta.model_validate({"provider": provider, "digest": "sha256:" + "0" * 64, **fields})
+
+
+def instance_meta(image_id: str = "i" * 32, provider: str = "qemu", **fields: object) -> InstanceMeta:
+    spec = LaunchSpec(image_id=image_id, memory_mb=128)
+    return InstanceMeta.model_validate({"provider": provider, "spec": spec, **fields})
+
+
+def volume_meta(provider: str = "qemu", fs_type: str = "ext2", mount: str | None = None) -> VolumeMeta:
+    return VolumeMeta(provider=provider, fs_type=fs_type, mount=mount)
+
+
 @pytest.fixture
 def api(data_dir: Path) -> Iterator[TestClient]:
-    """The real app in-process (same manager, providers and store as the daemon)."""
+    """The real app in-process (same services, providers and store as the daemon)."""
     from unik.daemon import build_app
 
     with TestClient(build_app(data_dir), raise_server_exceptions=False) as client:

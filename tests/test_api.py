@@ -43,8 +43,12 @@ def test_info_routes(api: TestClient) -> None:
     text = api.get("/describe_compiler?provider=qemu&base=linux&lang=c")
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
     assert "musl" in text.text
+    # As the original daemon: an unknown compiler is a 400 that names the ones available.
     unknown = api.get("/describe_compiler?provider=qemu&base=linux&lang=cobol")
-    assert unknown.text == "<missing compiler description>"
+    assert unknown.status_code == 400
+    assert "cobol" in unknown.json()["message"] and "linux-c-qemu" in unknown.json()["message"]
+    no_provider = api.get("/describe_compiler?provider=vsphere&base=linux&lang=c")
+    assert no_provider.status_code == 400 and "vsphere" in no_provider.json()["message"]
     assert_error(api.get("/describe_compiler?provider=qemu&base=linux"), 400, "lang")
 
 

@@ -117,10 +117,13 @@ def test_describe_compiler_returns_the_layout_text(api: TestClient) -> None:
         {"provider": "aws", "base": "linux", "lang": "c"},
     ],
 )
-def test_describe_an_unknown_compiler(api: TestClient, params: dict[str, str]) -> None:
+def test_describe_an_unknown_compiler_is_a_400_naming_those_available(
+    api: TestClient, params: dict[str, str]
+) -> None:
     response = api.get("/describe_compiler", params=params)
-    assert response.status_code == 200
-    assert response.text == "<missing compiler description>"
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert params["provider"] in message and params["base"] in message and "linux-c-qemu" in message
 
 
 def test_describe_compiler_without_its_parameters_is_a_400(api: TestClient) -> None:

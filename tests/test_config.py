@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unik.config import (
-    DaemonConfig,
-    QemuProviderConfig,
-    load_daemon_config,
-)
+from unik.config import DaemonConfig, load_daemon_config
+from unik.providers.qemu.config import QemuProviderConfig
+
+
+def qemu(config: DaemonConfig) -> QemuProviderConfig | None:
+    found = config.provider_configs().get("qemu")
+    assert found is None or isinstance(found, QemuProviderConfig)
+    return found
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +40,10 @@ def test_no_file_gives_the_default_with_one_qemu_provider(tmp_path: Path, where:
     config = load_daemon_config(None if where == "none" else tmp_path / "missing.yaml")
 
     assert config == DaemonConfig()
-    assert len(config.providers.qemu) == 1
-    assert config.qemu == QemuProviderConfig()
-    assert config.qemu.name == "qemu"
-    assert config.qemu.accel == "auto"
+    assert len(config.providers["qemu"]) == 1
+    assert qemu(config) == QemuProviderConfig()
+    assert qemu(config).name == "qemu"
+    assert qemu(config).accel == "auto"
     assert config.max_upload_mb == 1024
     assert config.max_unpacked_mb == 4096
     assert config.build_timeout == 600
@@ -59,19 +62,19 @@ def test_the_original_unik_layout(tmp_path: Path) -> None:
 
     config = load_daemon_config(path)
 
-    assert config.qemu is not None
-    assert config.qemu.name == "my-qemu"
-    assert config.qemu.no_graphic is True
-    assert config.qemu.debugger_port == 3001
-    assert config.qemu.accel == "auto"  # unspecified fields keep their defaults
-    assert len(config.providers.qemu) == 1
+    assert qemu(config) is not None
+    assert qemu(config).name == "my-qemu"
+    assert qemu(config).no_graphic is True
+    assert qemu(config).debugger_port == 3001
+    assert qemu(config).accel == "auto"  # unspecified fields keep their defaults
+    assert len(config.providers["qemu"]) == 1
 
 
 def test_the_original_layout_in_flow_style(tmp_path: Path) -> None:
     path = write(tmp_path, "providers: {qemu: [{name: my-qemu, no_graphic: true, debugger_port: 3001}]}\n")
     config = load_daemon_config(path)
-    assert config.qemu is not None
-    assert (config.qemu.name, config.qemu.no_graphic, config.qemu.debugger_port) == ("my-qemu", True, 3001)
+    assert qemu(config) is not None
+    assert (qemu(config).name, qemu(config).no_graphic, qemu(config).debugger_port) == ("my-qemu", True, 3001)
 
 
 def test_a_kind_written_as_a_single_mapping(tmp_path: Path) -> None:
@@ -79,22 +82,22 @@ def test_a_kind_written_as_a_single_mapping(tmp_path: Path) -> None:
 
     config = load_daemon_config(path)
 
-    assert config.qemu is not None
-    assert len(config.providers.qemu) == 1
-    assert (config.qemu.name, config.qemu.accel, config.qemu.machine) == ("solo", "tcg", "q35")
+    assert qemu(config) is not None
+    assert len(config.providers["qemu"]) == 1
+    assert (qemu(config).name, qemu(config).accel, qemu(config).machine) == ("solo", "tcg", "q35")
 
 
 def test_the_first_of_several_configurations_is_used(tmp_path: Path) -> None:
     path = write(tmp_path, "providers:\n  qemu:\n    - name: first\n    - name: second\n")
     config = load_daemon_config(path)
-    assert [q.name for q in config.providers.qemu] == ["first", "second"]
-    assert config.qemu is not None
-    assert config.qemu.name == "first"
+    assert [q.name for q in config.providers["qemu"]] == ["first", "second"]
+    assert qemu(config) is not None
+    assert qemu(config).name == "first"
 
 
 def test_an_empty_qemu_list_means_no_qemu_provider(tmp_path: Path) -> None:
     config = load_daemon_config(write(tmp_path, "providers:\n  qemu: []\n"))
-    assert config.qemu is None
+    assert qemu(config) is None
 
 
 def test_other_provider_kinds_and_unknown_keys_are_ignored(tmp_path: Path) -> None:
@@ -108,8 +111,8 @@ def test_other_provider_kinds_and_unknown_keys_are_ignored(tmp_path: Path) -> No
         "version: '0.9'\n",
     )
     config = load_daemon_config(path)
-    assert config.qemu is not None
-    assert config.qemu.name == "q"
+    assert qemu(config) is not None
+    assert qemu(config).name == "q"
     assert config.max_upload_mb == 10
     assert config.version == "0.9"
 
@@ -141,8 +144,8 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
 
     config = load_daemon_config(path)
 
-    assert config.qemu is not None
-    dumped = config.qemu.model_dump(mode="json")
+    assert qemu(config) is not None
+    dumped = qemu(config).model_dump(mode="json")
     dumped["kernel_dir"] = str(dumped["kernel_dir"])
     assert dumped == options
     assert config.build_timeout == 5

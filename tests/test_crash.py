@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm, tar_gz
+from tests.conftest import EXAMPLES, Daemon, free_port, instance_meta, requires_vm, tar_gz
 from tests.test_e2e import wait_for
 from tests.test_hostile import decompression_bomb
 from tests.test_hub import S3Hub, image_files, plant_image, s3_hub  # noqa: F401 - s3_hub is a fixture
 from unik.client import UnikAPIError, UnikClient
-from unik.config import QemuProviderConfig
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.models import Instance, InstanceState, now_rfc3339
+from unik.providers.qemu.config import QemuProviderConfig
 from unik.store import Record, Store
 
 HELLO_C = (EXAMPLES / "c-hello" / "hello.c").read_text()
@@ -82,14 +82,12 @@ def restart(daemon: Daemon) -> UnikClient:
 
 def _plant_instance(data_dir: Path, name: str, booted: bool | None) -> str:
     instance_id = os.urandom(16).hex()
-    internal: dict[str, object] = {"provider": "qemu", "spec": {}, "no_cleanup": False}
-    if booted is not None:
-        internal["booted"] = booted
+    meta = instance_meta("gone", **({} if booted is None else {"booted": booted}))
     instance = Instance(Id=instance_id, Name=name, State=InstanceState.pending.value, IpAddress="",
                         ImageId="gone", Infrastructure="QEMU", Created=now_rfc3339())  # fmt: skip
     store = Store(data_dir / "unik.db")
     try:
-        store.instances.insert(Record(instance, internal))
+        store.instances.insert(Record(instance, meta))
     finally:
         store.close()
     (data_dir / "instances" / instance_id).mkdir(parents=True)

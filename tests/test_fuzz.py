@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.conftest import volume_meta
 from unik.daemon import build_app
 from unik.models import Volume, is_valid_name, now_rfc3339
 from unik.store import Record, Store
@@ -107,7 +108,7 @@ def _plant_volume(data_dir: Path, name: str, volume_id: str) -> None:
     store = Store(data_dir / "unik.db")
     try:
         volume = Volume(Id=volume_id, Name=name, SizeMb=1, Attachment="", Infrastructure="QEMU", Created=now_rfc3339())
-        store.volumes.insert(Record(volume, {"path": "/nonexistent", "fs_type": "ext2", "provider": "qemu"}))
+        store.volumes.insert(Record(volume, volume_meta()))
     finally:
         store.close()
 

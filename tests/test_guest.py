@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import micro_kernel_reads_fw_cfg
-from unik.config import QemuProviderConfig
 from unik.guest import (
     EXIT_LINE,
     FW_CFG_RUN_ARCHIVE,
@@ -26,6 +25,7 @@ from unik.guest import (
 )
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
 from unik.providers.qemu import boot_argv
+from unik.providers.qemu.config import QemuProviderConfig
 
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
 needs_musl = pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="needs musl-gcc (musl-tools)")
@@ -541,7 +541,7 @@ def test_random_numbers_are_ready_when_the_app_starts(flavour: str, vm_kernel: K
 def test_guest_ram_is_a_memfd_unless_ksm_would_merge_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, ksm: str | None, memfd: bool
 ) -> None:
-    from unik.providers import qemu
+    from unik.providers.qemu import boot as qemu
 
     run = tmp_path / "run"
     if ksm is not None:

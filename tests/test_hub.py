@@ -26,9 +26,9 @@ from moto.server import ThreadedMotoServer
 
 from tests.conftest import EXAMPLES, Daemon, folder_tar_gz, free_port, micro_kernel_reads_fw_cfg, requires_vm
 from tests.test_e2e import wait_for
+from unik.artifacts import artifact_digest
 from unik.client import UnikAPIError, UnikClient
-from unik.manager import _image_digest
-from unik.models import HubConfig, Image, ImageRunSpec, now_rfc3339
+from unik.models import Artifact, HubConfig, Image, ImageMeta, ImageRunSpec, now_rfc3339
 from unik.store import Record, Store
 
 BUCKET = "unik-hub"  # the daemon's default
@@ -89,7 +89,7 @@ def plant_image(data_dir: Path, name: str, initrd_bytes: int) -> Image:
         for _ in range(initrd_bytes >> 20):
             f.write(os.urandom(1 << 20))
         f.write(os.urandom(initrd_bytes % (1 << 20)))
-    digest, size = _image_digest(folder / "kernel", folder / "initrd")
+    digest, size = artifact_digest(folder, Artifact())
     image = Image(
         Id=image_id,
         Name=name,
@@ -98,11 +98,10 @@ def plant_image(data_dir: Path, name: str, initrd_bytes: int) -> Image:
         Created=now_rfc3339(),
         RunSpec=ImageRunSpec(Compiler="linux-c-qemu"),
     )
-    internal = {"provider": "qemu", "compiler": "linux-c-qemu", "kernel_version": "test", "digest": digest,
-                "args": [], "dir": str(folder)}  # fmt: skip
+    meta = ImageMeta(provider="qemu", compiler="linux-c-qemu", kernel_version="test", digest=digest)
     store = Store(data_dir / "unik.db")
     try:
-        store.images.insert(Record(image, internal))
+        store.images.insert(Record(image, meta))
     finally:
         store.close()
     return image
@@ -333,11 +332,11 @@ def test_a_pulled_image_boots_its_own_initrd_as_a_built_one_does(
     that is only the same build (the same release, built elsewhere: a copy here) still lets
     the instances boot the image's initrd itself, the run archive going in over fw_cfg."""
     from unik.kernel import default_kernel_root, load
-    from unik.providers import qemu
+    from unik.providers.qemu import staging
 
     if not micro_kernel_reads_fw_cfg():
         pytest.skip("no micro kernel with fw_cfg in sysfs")
-    monkeypatch.setattr(qemu, "SHARED_INITRD_MIN_BYTES", 0)  # c-hello's initrd is small
+    monkeypatch.setattr(staging, "SHARED_INITRD_MIN_BYTES", 0)  # c-hello's initrd is small
     hub_body = json.dumps({"URL": s3_hub.hub.url, "Username": s3_hub.hub.user, "Password": s3_hub.hub.password})
     built = api.post(
         "/images/hello/create",

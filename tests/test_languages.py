@@ -28,6 +28,7 @@ from unik.compilers.linux_rust import VENDOR_CONFIG, LinuxRustCompiler, pick_bin
 from unik.compilers.toolchain import copy_tree, image_root, install_file
 from unik.config import DaemonConfig
 from unik.errors import BadRequest
+from unik.services.builds import BuildService
 
 needs = {tool: pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} not installed") for tool in
          ("gcc", "g++", "go", "cargo", "node", "jlink", "musl-gcc")}  # fmt: skip
@@ -151,13 +152,11 @@ def test_a_missing_interpreter_hides_the_compiler_and_describe_says_what_to_inst
     assert "linux-nodejs-qemu" not in registry.available()
     with pytest.raises(BadRequest, match="python3"):
         registry.require("linux", "python", "qemu")
-    from unik.manager import Manager
-
-    text = Manager.describe_compiler.__get__(_FakeManager(registry))("qemu", "linux", "nodejs")
+    text = BuildService.describe_compiler(_WithCompilers(registry), "qemu", "linux", "nodejs")  # type: ignore[arg-type]
     assert "NOT AVAILABLE on this host" in text and "nodejs" in text
 
 
-class _FakeManager:
+class _WithCompilers:
     def __init__(self, registry: CompilerRegistry) -> None:
         self.compilers = registry
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, tar_gz
+from tests.conftest import Daemon, services_of, tar_gz
 from tests.test_api import assert_error
 from unik.client import UnikAPIError, UnikClient
 from unik.errors import Conflict
-from unik.manager import Manager
-from unik.models import Volume
+from unik.models import CreateVolumeRequest, Volume, VolumeMeta
 from unik.volumes import DataUsage, measure
 
 FILES = {"hello.txt": "hello from the volume\n", "sub/dir/deep.txt": "deep\n", "bin.dat": bytes(range(256)) * 40}
@@ -30,11 +29,6 @@ def create(api: TestClient, name: str, tgz: bytes | None, query: str = "", **fie
     if tgz is None:
         return api.post(url, content=b"null", headers={"Content-Type": "application/json"})
     return api.post(url, files={"tarfile": ("data.tar.gz", tgz, "application/gzip")}, data=fields)
-
-
-def manager(api: TestClient) -> Manager:
-    result: Manager = api.app.state.manager  # type: ignore[attr-defined]
-    return result
 
 
 def disk(data_dir: Path, volume: dict[str, object]) -> Path:
@@ -93,8 +87,8 @@ def test_create_from_tar_gz_holds_the_files(api: TestClient, data_dir: Path, fs_
     else:
         features = ext_features(image)
         assert ("has_journal" in features) == (fs_type == "ext4")
-    record = manager(api).store.volumes.find("data")
-    assert record.internal == {"path": str(image), "fs_type": fs_type, "provider": "qemu", "mount": None}
+    record = services_of(api).ctx.store.volumes.find("data")
+    assert record.meta == VolumeMeta(fs_type=fs_type, provider="qemu", mount=None)
     assert list((data_dir / "tmp").iterdir()) == []
 
 
@@ -106,7 +100,7 @@ def test_parameters_as_form_fields_and_default_type(api: TestClient, data_dir: P
     # No type and no provider: ext2 on the only configured provider.
     plain = create(api, "plain", tar_gz(FILES))
     assert plain.status_code == 201, plain.text  # type: ignore[attr-defined]
-    assert manager(api).store.volumes.find("plain").internal["fs_type"] == "ext2"
+    assert services_of(api).ctx.store.volumes.find("plain").meta.fs_type == "ext2"
 
 
 def test_fitted_size_follows_the_headroom_rule(api: TestClient, data_dir: Path, tmp_path: Path) -> None:
@@ -174,7 +168,7 @@ def test_raw_image_is_used_as_it_is(api: TestClient, data_dir: Path, tmp_path: P
     assert volume["SizeMb"] == 3
     assert disk(data_dir, volume).read_bytes() == content
     assert ext_cat(disk(data_dir, volume), "/inside.txt") == b"from a raw image\n"
-    assert manager(api).store.volumes.find("raw").internal["fs_type"] == "raw"
+    assert services_of(api).ctx.store.volumes.find("raw").meta.fs_type == "raw"
 
 
 def test_raw_image_grows_to_size_and_refuses_a_smaller_one(api: TestClient, data_dir: Path, tmp_path: Path) -> None:
@@ -315,11 +309,11 @@ def test_list_get_delete(api: TestClient, data_dir: Path) -> None:
 
 def test_delete_attached_needs_force(api: TestClient, data_dir: Path) -> None:
     volume = create(api, "busy", tar_gz(FILES)).json()  # type: ignore[attr-defined]
-    store = manager(api).store
+    store = services_of(api).ctx.store
     # No VM: an attachment to an instance that is not running (its disk is only in the record).
     record = store.volumes.find("busy")
     record.obj.Attachment = "0123456789abcdef"
-    record.internal["mount"] = "/data"
+    record.meta.mount = "/data"
     store.volumes.update(record)
     assert_error(api.delete("/volumes/busy"), 409, "attached")
     assert_error(api.delete("/volumes/busy?force=false"), 409, "attached")
@@ -334,7 +328,7 @@ def test_recover_removes_orphan_volume_folders(api: TestClient, data_dir: Path) 
     orphan = data_dir / "volumes" / "orphan"
     orphan.mkdir()
     (orphan / "disk.img").write_bytes(b"half-built")
-    manager(api).recover()
+    services_of(api).reconciler.recover()
     assert not orphan.exists()
     assert disk(data_dir, volume).exists()
 
@@ -385,7 +379,8 @@ def test_concurrent_creates_of_one_name_have_one_winner(api: TestClient, data_di
     async def race() -> list[object]:
         uploads = [io.BytesIO(tar_gz(FILES)) for _ in range(3)]
         return await asyncio.gather(
-            *(manager(api).create_volume("same", upload) for upload in uploads), return_exceptions=True
+            *(services_of(api).volumes.create(CreateVolumeRequest("same", upload)) for upload in uploads),
+            return_exceptions=True,
         )
 
     results = asyncio.run(race())

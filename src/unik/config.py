@@ -2,25 +2,24 @@
 
 The original daemon config lists providers by kind, each kind a list of named
 configurations (`providers: {qemu: [{name: my-qemu, ...}]}`); we keep that shape and
-use the first entry of each kind.
+use the first entry of each kind. Each kind's entries are checked by the config model its
+provider brings (providers.registry); kinds this daemon does not know are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from unik.providers.qemu.config import QemuProviderConfig
+from unik.providers import registry
+from unik.providers.base import ProviderConfig
 
-
-class ProvidersConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    qemu: list[QemuProviderConfig] = Field(default_factory=lambda: [QemuProviderConfig()])
+log = logging.getLogger(__name__)
 
 
 class HubSettings(BaseModel):
@@ -53,7 +52,8 @@ class HubSettings(BaseModel):
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    # Provider kind -> its configurations (the first one is used).
+    providers: dict[str, list[SerializeAsAny[ProviderConfig]]] = Field(default_factory=registry.default_config)
     hub: HubSettings = Field(default_factory=HubSettings)
     max_upload_mb: int = Field(default=1024, gt=0)
     # Unpacked sources may be bigger than the upload; this bounds decompression bombs.
@@ -80,9 +80,35 @@ class DaemonConfig(BaseModel):
     # read-only and nothing of the data dir but their own folder. auto: when bwrap works here.
     build_sandbox: Literal["auto", "bwrap", "off"] = "auto"
 
-    @property
-    def qemu(self) -> QemuProviderConfig | None:
-        return self.providers.qemu[0] if self.providers.qemu else None
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _by_kind(cls, value: Any) -> Any:
+        """Each kind's entries validated by that kind's own config model."""
+        if not isinstance(value, dict):
+            return value
+        checked: dict[str, list[ProviderConfig]] = {}
+        for kind, entries in value.items():
+            known = registry.lookup(str(kind))
+            if known is None:
+                log.warning("providers: unknown kind %r skipped; known: %s", kind, ", ".join(registry.kinds()))
+                continue
+            # A kind may be written as one mapping instead of a list of them.
+            listed = entries if isinstance(entries, list) else [entries]
+            checked[kind] = [_provider_entry(known.config_model, kind, i, entry) for i, entry in enumerate(listed)]
+        return checked
+
+    def provider_configs(self) -> dict[str, ProviderConfig]:
+        """Each configured kind's config in use: its first entry."""
+        return {kind: entries[0] for kind, entries in self.providers.items() if entries}
+
+
+def _provider_entry(model: type[ProviderConfig], kind: str, index: int, entry: Any) -> ProviderConfig:
+    if isinstance(entry, model):
+        return entry
+    try:
+        return model.model_validate({"name": kind, **entry} if isinstance(entry, dict) else entry)
+    except ValidationError as exc:
+        raise ValueError(f"providers.{kind}[{index}]: {exc}") from None
 
 
 def load_daemon_config(path: Path | None) -> DaemonConfig:
@@ -95,10 +121,6 @@ def load_daemon_config(path: Path | None) -> DaemonConfig:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    providers = raw.get("providers")
-    if isinstance(providers, dict):
-        # A kind may be written as one mapping instead of a list of them.
-        raw["providers"] = {k: ([v] if isinstance(v, dict) else v) for k, v in providers.items()}
     try:
         return DaemonConfig.model_validate(raw)
     except ValidationError as exc:

@@ -12,14 +12,14 @@ from unik import __version__
 from unik.api import images, info, instances, volumes, web
 from unik.api.access import AccessGuard
 from unik.api.errors import ERROR_RESPONSES, install_error_handlers
-from unik.manager import Manager
 from unik.models import HubConfig, RunInstanceRequest
+from unik.services import Services
 
 
-def create_app(manager: Manager) -> FastAPI:
+def create_app(services: Services) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        monitor = asyncio.create_task(manager.monitor())
+        monitor = asyncio.create_task(services.reconciler.monitor())
         try:
             yield
         finally:
@@ -34,9 +34,9 @@ def create_app(manager: Manager) -> FastAPI:
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
     )
-    app.state.manager = manager
+    app.state.services = services
     app.add_middleware(
-        AccessGuard, token=manager.config.auth_token, max_body_bytes=manager.config.max_upload_mb << 20
+        AccessGuard, token=services.config.auth_token, max_body_bytes=services.config.max_upload_mb << 20
     )
     install_error_handlers(app)
     for router in (info.router, images.router, instances.router, volumes.router):

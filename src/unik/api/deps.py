@@ -1,4 +1,4 @@
-"""Access to the daemon's Manager from a request."""
+"""Access to the daemon's services from a request."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from unik.manager import Manager
+from unik.services import Services
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hand-off on every
 # request for what is an attribute read.
-async def get_manager(request: Request) -> Manager:
-    manager: Manager = request.app.state.manager
-    return manager
+async def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
-ManagerDep = Annotated[Manager, Depends(get_manager)]
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -69,5 +69,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _data_dir(request: Request) -> str:
-    manager = getattr(request.app.state, "manager", None)
-    return str(getattr(manager, "data_dir", "the data dir"))
+    services = getattr(request.app.state, "services", None)
+    return str(services.ctx.data_dir) if services is not None else "the data dir"

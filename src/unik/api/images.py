@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
-from unik.api.deps import ManagerDep
-from unik.api.params import NamePath, RefPath, json_body, query_or_form, truthy
-from unik.errors import BadRequest, TooLarge
-from unik.models import HubConfig, HubImage, HubTransfer, Image
+from unik.api.deps import ServicesDep
+from unik.api.params import NamePath, RefPath, check_upload_size, json_body, query_or_form, truthy
+from unik.errors import BadRequest
+from unik.models import BuildImageRequest, HubConfig, HubImage, HubTransfer, Image, PullImageRequest
 
 router = APIRouter(tags=["images"])
 
@@ -17,20 +17,20 @@ _HUB_BODY = {"requestBody": {"content": {"application/json": {"schema": {"$ref":
 # Served from the stored wire JSON without a model round trip (see Store.all_wire_json);
 # response_model still documents the shape.
 @router.get("/images", response_model=list[Image])
-async def list_images(manager: ManagerDep) -> Response:
-    return Response(manager.list_images_json(), media_type="application/json")
+async def list_images(services: ServicesDep) -> Response:
+    return Response(services.images.list_json(), media_type="application/json")
 
 
 @router.get("/images/{name}", response_model=Image)
-async def get_image(name: RefPath, manager: ManagerDep) -> Response:
-    return Response(manager.get_image_json(name), media_type="application/json")
+async def get_image(name: RefPath, services: ServicesDep) -> Response:
+    return Response(services.images.get_json(name), media_type="application/json")
 
 
 @router.post("/images/{name}/create", response_model=Image, status_code=201)
 async def create_image(
     name: NamePath,
     request: Request,
-    manager: ManagerDep,
+    services: ServicesDep,
     tarfile: UploadFile | None = File(None, description="tar.gz of the application's sources"),
     base: str | None = Query(None, max_length=64),
     lang: str | None = Query(None, max_length=64),
@@ -50,25 +50,24 @@ async def create_image(
         raise BadRequest(f"missing required parameter(s): {', '.join(missing)}")
     if tarfile is None:
         raise BadRequest("missing the multipart file `tarfile` (a tar.gz of the sources)")
-    limit = manager.config.max_upload_mb << 20
-    if tarfile.size is not None and tarfile.size > limit:
-        raise TooLarge(f"the upload is larger than {manager.config.max_upload_mb} MB")
-    return await manager.build_image(
-        name,
-        tarfile.file,
+    check_upload_size(tarfile, services.config.max_upload_mb)
+    build = BuildImageRequest(
+        name=name,
+        sources=tarfile.file,
         base=params["base"] or "",
         lang=params["lang"] or "",
-        provider_name=params["provider"] or "",
+        provider=params["provider"] or "",
         args=params["args"] or "",
         mounts=(params["mounts"] or "").split(","),
         force=truthy(params["force"]),
         no_cleanup=truthy(params["no_cleanup"]),
     )
+    return await services.builds.build(build)
 
 
 @router.delete("/images/{name}", status_code=204, response_class=Response)
-async def delete_image(name: RefPath, manager: ManagerDep, force: str | None = Query(None)) -> Response:
-    await manager.delete_image(name, force=truthy(force))
+async def delete_image(name: RefPath, services: ServicesDep, force: str | None = Query(None)) -> Response:
+    await services.images.delete(name, force=truthy(force))
     return Response(status_code=204)
 
 
@@ -77,8 +76,8 @@ async def _hub_config(request: Request) -> HubConfig:
 
 
 @router.post("/images/push/{name}", status_code=202, response_class=Response, openapi_extra=_HUB_BODY)
-async def push_image(name: RefPath, request: Request, manager: ManagerDep) -> Response:
-    await manager.push_image(name, await _hub_config(request))
+async def push_image(name: RefPath, request: Request, services: ServicesDep) -> Response:
+    await services.hub.push(name, await _hub_config(request))
     return Response(status_code=202)
 
 
@@ -86,26 +85,27 @@ async def push_image(name: RefPath, request: Request, manager: ManagerDep) -> Re
 async def pull_image(
     name: NamePath,
     request: Request,
-    manager: ManagerDep,
+    services: ServicesDep,
     provider: str = Query(..., max_length=64),
     force: str | None = Query(None),
 ) -> Image:
-    return await manager.pull_image(name, await _hub_config(request), provider_name=provider, force=truthy(force))
+    pull = PullImageRequest(name=name, credentials=await _hub_config(request), provider=provider, force=truthy(force))
+    return await services.hub.pull(pull)
 
 
 @router.post("/images/remote-delete/{name}", status_code=202, response_class=Response, openapi_extra=_HUB_BODY)
-async def remote_delete_image(name: NamePath, request: Request, manager: ManagerDep) -> Response:
-    await manager.remote_delete_image(name, await _hub_config(request))
+async def remote_delete_image(name: NamePath, request: Request, services: ServicesDep) -> Response:
+    await services.hub.remote_delete(name, await _hub_config(request))
     return Response(status_code=202)
 
 
 @router.post("/hub/search", response_model=list[HubImage], tags=["hub"], openapi_extra=_HUB_BODY)
-async def search_hub(request: Request, manager: ManagerDep) -> list[HubImage]:
+async def search_hub(request: Request, services: ServicesDep) -> list[HubImage]:
     """Daemon addition: the images on the hub (POST: the credentials travel in the body)."""
-    return await manager.search_hub(await _hub_config(request))
+    return await services.hub.search(await _hub_config(request))
 
 
 @router.get("/hub/transfers", response_model=list[HubTransfer], tags=["hub"])
-async def hub_transfers(manager: ManagerDep) -> list[HubTransfer]:
+async def hub_transfers(services: ServicesDep) -> list[HubTransfer]:
     """Daemon addition: pushes and pulls in progress, with bytes done and total (for progress bars)."""
-    return manager.list_hub_transfers()
+    return services.hub.list_transfers()

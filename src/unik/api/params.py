@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import Path, Request
+from fastapi import Path, Request, UploadFile
 
-from unik.errors import BadRequest
+from unik.errors import BadRequest, TooLarge
 from unik.models import NAME_PATTERN
 
 # Lookups accept an id, a name or an id prefix; a name being created must be a valid name.
@@ -41,3 +41,8 @@ async def query_or_form(request: Request, key: str) -> str | None:
         if isinstance(value, str):
             return value
     return None
+
+
+def check_upload_size(upload: UploadFile, max_mb: int) -> None:
+    if upload.size is not None and upload.size > max_mb << 20:
+        raise TooLarge(f"the upload is larger than {max_mb} MB")

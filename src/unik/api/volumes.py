@@ -5,29 +5,28 @@ from __future__ import annotations
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
 
-from unik.api.deps import ManagerDep
-from unik.api.params import NamePath, RefPath, query_or_form, truthy
-from unik.errors import TooLarge
-from unik.models import Volume
+from unik.api.deps import ServicesDep
+from unik.api.params import NamePath, RefPath, check_upload_size, query_or_form, truthy
+from unik.models import AttachVolumeRequest, CreateVolumeRequest, Volume
 
 router = APIRouter(tags=["volumes"])
 
 
 @router.get("/volumes", response_model=list[Volume])
-async def list_volumes(manager: ManagerDep) -> list[Volume]:
-    return manager.list_volumes()
+async def list_volumes(services: ServicesDep) -> list[Volume]:
+    return services.volumes.list()
 
 
 @router.get("/volumes/{name}", response_model=Volume)
-async def get_volume(name: RefPath, manager: ManagerDep) -> Volume:
-    return manager.get_volume(name)
+async def get_volume(name: RefPath, services: ServicesDep) -> Volume:
+    return services.volumes.get(name)
 
 
 @router.post("/volumes/{name}", response_model=Volume, status_code=201)
 async def create_volume(
     name: NamePath,
     request: Request,
-    manager: ManagerDep,
+    services: ServicesDep,
     tarfile: UploadFile | None = File(
         None, description="the data: a tar.gz whose files fill the new filesystem, or with raw=true a disk image"
     ),
@@ -48,36 +47,37 @@ async def create_volume(
     del provider, raw, fs_type, no_cleanup  # read below from the query or the form
     params = {key: await query_or_form(request, key) for key in ("provider", "raw", "type", "no_cleanup")}
     if tarfile is not None:
-        limit = manager.config.max_upload_mb << 20
-        if tarfile.size is not None and tarfile.size > limit:
-            raise TooLarge(f"the upload is larger than {manager.config.max_upload_mb} MB")
-    return await manager.create_volume(
-        name,
-        tarfile.file if tarfile is not None else None,
-        provider_name=params["provider"] or None,
+        check_upload_size(tarfile, services.config.max_upload_mb)
+    create = CreateVolumeRequest(
+        name=name,
+        data=tarfile.file if tarfile is not None else None,
+        provider=params["provider"] or None,
         raw=truthy(params["raw"]),
         fs_type=params["type"] or None,
         size_mb=size or 0,
         no_cleanup=truthy(params["no_cleanup"]),
     )
+    return await services.volumes.create(create)
 
 
 @router.delete("/volumes/{name}", status_code=204, response_class=Response)
 async def delete_volume(
-    name: RefPath, manager: ManagerDep, force: str | None = Query(None, description="true: detach it first if attached")
+    name: RefPath,
+    services: ServicesDep,
+    force: str | None = Query(None, description="true: detach it first if attached"),
 ) -> Response:
-    await manager.delete_volume(name, force=truthy(force))
+    await services.volumes.delete(name, force=truthy(force))
     return Response(status_code=204)
 
 
 @router.post("/volumes/{name}/attach/{instance_id}", status_code=202, response_class=PlainTextResponse)
 async def attach_volume(
-    name: RefPath, instance_id: RefPath, manager: ManagerDep, mount: str = Query(..., min_length=1, max_length=255)
+    name: RefPath, instance_id: RefPath, services: ServicesDep, mount: str = Query(..., min_length=1, max_length=255)
 ) -> PlainTextResponse:
-    attached = await manager.attach_volume(name, instance_id, mount)
+    attached = await services.volumes.attach(AttachVolumeRequest(volume=name, instance=instance_id, mount=mount))
     return PlainTextResponse(attached, status_code=202)
 
 
 @router.post("/volumes/{name}/detach", status_code=202, response_class=PlainTextResponse)
-async def detach_volume(name: RefPath, manager: ManagerDep) -> PlainTextResponse:
-    return PlainTextResponse(await manager.detach_volume(name), status_code=202)
+async def detach_volume(name: RefPath, services: ServicesDep) -> PlainTextResponse:
+    return PlainTextResponse(await services.volumes.detach(name), status_code=202)

@@ -179,7 +179,7 @@ def build_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**inherited, **(extra or {})}
 
 
-# Set by the manager around a build; run_tool reads it, so compilers need not know.
+# Set by the build service around a build; run_tool reads it, so compilers need not know.
 build_sandbox: ContextVar[Sandbox | None] = ContextVar("build_sandbox", default=None)
 
 

@@ -120,7 +120,7 @@ def image_root(work: Path, project: Path) -> Path:
     """A new, empty `work`/root for the image, made after the build's last sandboxed step.
 
     `work` and `project` are checked to be real folders down from their common parent: the
-    manager binds that one folder into the sandbox, so the build cannot swap it, but it can
+    build service binds that one folder into the sandbox, so the build cannot swap it, but it can
     swap anything below it for a link."""
     work, project = work.absolute(), project.absolute()
     anchor = Path(os.path.commonpath([work, project]))

@@ -1,60 +1,85 @@
-"""The Provider interface: one module per hypervisor or cloud, like OPS's provider/<name>/."""
+"""The Provider interface every infrastructure implements, its capabilities and its config base."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from unik.artifacts import ArtifactStore
 from unik.errors import NotImplementedByProvider
 from unik.kernel import Kernel
+from unik.models import KERNEL_INITRD, LaunchSpec, PortMapping, VolumeAttachment
+
+__all__ = ["Capability", "LaunchSpec", "Provider", "ProviderConfig", "ProviderContext", "VolumeAttachment"]
+
+
+class ProviderConfig(BaseModel):
+    """What every provider kind's config has; each kind's model adds its own keys."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    default_memory_mb: int = Field(default=128, gt=0)
+    max_memory_mb: int = Field(default=8192, gt=0)
+
+
+class Capability(StrEnum):
+    """What not every provider can do; the services answer 501 where one is missing."""
+
+    HOT_PLUG = "attach or detach volumes while an instance runs"
+    PUBLISHED_PORTS = "publish host ports"
+    OWN_ADDRESSES = "give instances addresses of their own"
+    DEBUG_PORT = "start instances halted for a debugger"
 
 
 @dataclass(frozen=True)
-class VolumeAttachment:
-    """A volume as the guest sees it: a disk with this serial, mounted at `mount`."""
+class ProviderContext:
+    """What the daemon hands every provider: where its files go and where images are."""
 
-    serial: str
-    path: str
-    mount: str
-    fs_type: str
-
-
-@dataclass
-class LaunchSpec:
-    """Everything needed to boot an instance; stored with it so `start` boots it the same way."""
-
-    kernel: str
-    initrd: str
-    memory_mb: int
-    # The image's kernel release: the firmware follows the kernel the image was built with, not
-    # the config's current choice. Empty for specs stored before it was recorded.
-    kernel_version: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    args: list[str] | None = None
-    hostname: str = ""
-    debug_mode: bool = False
-    # Not stored: volumes come and go after the run, so each boot is told the current ones.
-    volumes: list[VolumeAttachment] = field(default_factory=list)
-    # Published ports, as PortMapping dicts (HostPort, GuestPort, Protocol): user-mode network.
-    ports: list[dict[str, Any]] = field(default_factory=list)
-    # The instance's own address with prefix ("10.77.0.2/24"), allocated by the daemon: bridge mode.
-    address: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "volumes"}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LaunchSpec:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+    data_dir: Path
+    artifacts: ArtifactStore
 
 
 class Provider(ABC):
-    name: str
-    infrastructure: str
+    # The config kind (`providers: {<kind>: [...]}`), which is also the name the API uses.
+    name: ClassVar[str]
+    infrastructure: ClassVar[str]
+    # Artifact formats this provider boots.
+    artifact_formats: ClassVar[frozenset[str]] = frozenset({KERNEL_INITRD})
+
+    def __init__(self, config: ProviderConfig, context: ProviderContext) -> None:
+        self.config = config
+        self.context = context
+
+    @property
+    def default_memory_mb(self) -> int:
+        return self.config.default_memory_mb
+
+    @property
+    def max_memory_mb(self) -> int:
+        return self.config.max_memory_mb
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset()
+
+    def require(self, capability: Capability) -> None:
+        if capability not in self.capabilities():
+            raise NotImplementedByProvider(f"provider {self.name} cannot {capability.value}")
+
+    def image_modules(self) -> list[str]:
+        """Kernel modules every image for this provider carries (its disks' and NIC's drivers)."""
+        return []
+
+    def volume_device(self, index: int) -> str:
+        """The guest's name for the image's `index`-th volume at boot (DeviceMappings)."""
+        return f"/dev/vd{chr(ord('b') + index)}"
 
     @abstractmethod
     def status(self) -> dict[str, Any]:
@@ -94,11 +119,11 @@ class Provider(ABC):
 
     async def attach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
         """Hot-plug the disk and have the guest mount it."""
-        raise NotImplementedByProvider(f"provider {self.name} cannot attach volumes to running instances")
+        self.require(Capability.HOT_PLUG)
 
     async def detach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
         """Have the guest unmount the disk (Conflict when busy), then unplug it."""
-        raise NotImplementedByProvider(f"provider {self.name} cannot detach volumes from running instances")
+        self.require(Capability.HOT_PLUG)
 
     def instance_subnet(self) -> IPv4Network | None:
         """The subnet the daemon gives each instance its own address from, or None (no own address)."""
@@ -115,10 +140,10 @@ class Provider(ABC):
         """The host address published ports listen on, or None when ports cannot be published."""
         return None
 
-    def check_ports_free(self, ports: list[dict[str, Any]]) -> None:
+    def check_ports_free(self, ports: list[PortMapping]) -> None:
         """Raise Conflict when a host port cannot be bound right now."""
         if ports:
-            raise NotImplementedByProvider(f"provider {self.name} cannot publish ports")
+            self.require(Capability.PUBLISHED_PORTS)
 
     def release_network(self, instance_id: str) -> None:
         """The VM is gone: free what it held on the host (a tap device). Idempotent."""

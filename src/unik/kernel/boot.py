@@ -10,8 +10,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
-# Kernel command line for a unik guest on -M pc under TCG (measured, launch -> first app line:
-# 1.72 s with only the first line, 1.48 s with all of it; vmlinuz instead of vmlinux adds ~0.3 s).
+# Kernel command line for a unik guest on -M pc under TCG; what each saves is in bench/REPORT.md.
 BOOT_ARGS: tuple[str, ...] = (
     "console=ttyS0",
     # Only errors reach the console: the app's output stays clean.
@@ -22,25 +21,24 @@ BOOT_ARGS: tuple[str, ...] = (
     # One app is the only tenant of the guest kernel; the host is protected by the hypervisor,
     # and the mitigations' boot-time patching is slow under TCG.
     "mitigations=off",
-    # AppArmor, Yama, landlock, ... have no policy to enforce here: ~0.2 s saved.
+    # AppArmor, Yama, landlock, ... have no policy to enforce here.
     "lsm=capability",
     "cryptomgr.notests",
     # ttyS0 is the console, ttyS1 the control channel to the guest init.
     "8250.nr_uarts=2",
-    # Legacy PCI interrupt routing through ACPI interprets AML for each interrupt link:
-    # ~85 ms per virtio device under TCG. The devices use MSI-X, and the PIR table covers
-    # the rest.
+    # Legacy PCI interrupt routing through ACPI interprets AML for each interrupt link, slow
+    # under TCG. The devices use MSI-X, and the PIR table covers the rest.
     "acpi=noirq",
     # No PS/2 mouse probe; the keyboard port stays, it carries ctrl-alt-del (graceful stop).
     "i8042.noaux",
     # The boot-time check that the timer interrupt arrives through the IO-APIC within a busy
     # wait: a vCPU starved by a loaded host fails it and panics ("IO-APIC + timer doesn't
-    # work!", seen with 40 VMs booting on 2 cores); KVM guests skip it the same way. ~15 ms.
+    # work!", seen with 40 VMs booting on 2 cores); KVM guests skip it the same way.
     "no_timer_check",
-    # The CRNG is seeded from RDRAND (the VM's CPU has it, see providers/qemu.py) at boot.
-    # Without it the first read of /dev/urandom or getrandom() runs the kernel's jitter
-    # entropy collection, ~1 s under TCG: CPython's hash seed and Node.js's start-up both wait
-    # on it. Debian's kernel trusts the CPU by default; the micro kernel (tinyconfig) does not.
+    # The CRNG is seeded from RDRAND (the VM's CPU has it, see providers/qemu/boot.py) at
+    # boot. Without it the first getrandom() waits on the kernel's jitter entropy collection,
+    # slow under TCG: CPython's hash seed and Node.js's start-up both wait on it. Debian's
+    # kernel trusts the CPU by default; the micro kernel (tinyconfig) does not.
     "random.trust_cpu=on",
 )
 

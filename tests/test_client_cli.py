@@ -1,4 +1,4 @@
-"""Client and CLI against a mocked daemon: requests must match ../shared/API.md exactly."""
+"""Client and CLI against a mocked daemon: requests must match docs/api.md exactly."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The dashboard at `/`, driven in Debian's headless Chromium by Playwright, against a real daemon.
 
-Set UNIK_SCREENSHOT=docs/dashboard.png to refresh the README's screenshot while the VM test runs.
+Set UNIK_SCREENSHOT=docs/dashboard.png to refresh docs/dashboard.md's screenshot while the VM test runs.
 """
 
 from __future__ import annotations

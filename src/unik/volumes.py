@@ -1,4 +1,4 @@
-"""Volume disk images, built on the host without loop devices or mounts (PLATFORM.md).
+"""Volume disk images, built on the host without loop devices or mounts (no mount rights needed).
 
 ext2/ext4 are filled by `mke2fs -d DIR`, FAT by `mkfs.fat` then `mcopy -s`; a raw upload
 is used as it is. Every tool runs as an asyncio subprocess so a big volume never stalls

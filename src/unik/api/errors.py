@@ -1,4 +1,4 @@
-"""One error shape for every failure: JSON {"message": ...} with the status of API.md."""
+"""One error shape for every failure: JSON {"message": ...} with the status of docs/api.md."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # API.md: validation failures are 400, never 422.
+        # docs/api.md: validation failures are 400, never 422.
         return JSONResponse({"message": _describe_validation(exc)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

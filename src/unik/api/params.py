@@ -16,7 +16,7 @@ NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="1-64 of [A-Za-
 
 
 def truthy(value: str | None) -> bool:
-    """API.md: a boolean is true only when it is the string `true`, in any case."""
+    """docs/api.md: a boolean is true only when it is the string `true`, in any case."""
     return value is not None and value.strip().lower() == "true"
 
 
@@ -32,7 +32,7 @@ async def json_body(request: Request) -> Any:
 
 
 async def query_or_form(request: Request, key: str) -> str | None:
-    """API.md: build and volume parameters come in the query string or as form fields."""
+    """docs/api.md: build and volume parameters come in the query string or as form fields."""
     if key in request.query_params:
         return request.query_params[key]
     content_type = request.headers.get("content-type", "")

@@ -1,4 +1,4 @@
-"""Python client of the UniK daemon (../shared/API.md), shaped like docker-py.
+"""Python client of the UniK daemon (docs/api.md), shaped like docker-py.
 
     client = UnikClient("localhost:3000")
     image = client.images.build("hello", Path("src/"), base="linux", lang="c", provider="qemu")

@@ -56,7 +56,7 @@ class ImageFormat(StrEnum):
 
 
 def _drop_empty(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """API.md marks some strings 'omitted when empty', as Go's `omitempty` did."""
+    """docs/api.md marks some strings 'omitted when empty', as Go's `omitempty` did."""
     return {k: v for k, v in data.items() if not (k in keys and v == "")}
 
 

@@ -67,7 +67,7 @@ class Context:
         return self.providers.get(record.meta.provider)
 
     def only_provider(self) -> str:
-        """API.md lists `provider` but older clients may leave it out: unambiguous only with one."""
+        """docs/api.md lists `provider` but older clients may leave it out: unambiguous only with one."""
         if len(self.providers) == 1:
             return next(iter(self.providers))
         raise BadRequest(f"provider is required; available: {', '.join(self.provider_names()) or 'none'}")

@@ -1,4 +1,4 @@
-// The unik dashboard. It uses only the public REST API (../shared/API.md), so anything it
+// The unik dashboard. It uses only the public REST API (docs/api.md), so anything it
 // does a script can do too. Plain JS without a build step: the daemon serves this file as is.
 "use strict";
 

@@ -11,7 +11,8 @@ from unik.providers.qemu.options import Accel
 
 
 def kvm_usable() -> tuple[bool, str]:
-    """KVM only when the CPU has vmx/svm *and* /dev/kvm creates a VM (PLATFORM.md: the node alone lies)."""
+    """KVM only when the CPU has vmx/svm *and* /dev/kvm creates a VM: the device node alone
+    may exist where KVM does not work."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:

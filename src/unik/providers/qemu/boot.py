@@ -100,7 +100,7 @@ def _tcg_boot_args(accel: str) -> list[str]:
     """Kernel arguments for a guest under TCG, which emulates no TSC-deadline timer.
 
     - The guest's TSC is the host's: telling the kernel its rate skips the early calibration,
-      which on a loaded host sometimes goes wrong and hangs the boot (PLATFORM.md).
+      which on a loaded host sometimes goes wrong and hangs the boot.
     - Without a TSC-deadline timer the kernel calibrates the local APIC timer by waiting
       100 ms of wall time. `noapictimer` skips it: the guest (one vCPU, so no broadcast is
       needed) ticks on the HPET instead. Under KVM the deadline timer makes the calibration

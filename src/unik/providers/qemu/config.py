@@ -13,7 +13,8 @@ from unik.providers.base import ProviderConfig
 
 class QemuProviderConfig(ProviderConfig):
     name: str = "qemu"
-    # "auto" uses KVM only when the CPU flag is there and a probe succeeds (PLATFORM.md).
+    # "auto" uses KVM only when the CPU flag is there and a probe succeeds: an existing
+    # /dev/kvm alone may not work.
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     machine: Literal["pc", "q35"] = "pc"
     kernel_dir: Path | None = None

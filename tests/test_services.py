@@ -178,3 +178,18 @@ def test_what_the_provider_cannot_do_is_a_501_that_leaves_nothing(
         hot = api.post("/volumes/v/attach/r?mount=/data")
         assert hot.status_code == 501 and "fake cannot attach or detach volumes" in hot.json()["message"]
         assert api.get("/volumes/v").json()["Attachment"] == ""
+
+
+def test_a_run_below_the_images_minimum_memory_is_a_400_that_starts_nothing(
+    data_dir: Path, hello_tgz: bytes  # noqa: F811
+) -> None:
+    with fake_daemon(data_dir) as api:
+        run_spec = build_hello(api, hello_tgz)["RunSpec"]
+        assert isinstance(run_spec, dict)
+        minimum = run_spec["MinInstanceMemoryMB"]
+        assert 0 < minimum <= run_spec["DefaultInstanceMemory"]
+        small = api.post("/instances/run", json={"InstanceName": "a", "ImageName": "hello", "MemoryMb": minimum - 1})
+        assert small.status_code == 400 and f"minimum of {minimum} MB" in small.json()["message"]
+        assert api.get("/instances").json() == [] and fake_of(api).calls == []
+        at_minimum = api.post("/instances/run", json={"InstanceName": "a", "ImageName": "hello", "MemoryMb": minimum})
+        assert at_minimum.status_code == 201

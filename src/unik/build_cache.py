@@ -39,7 +39,7 @@ from unik.models import Artifact
 log = logging.getLogger(__name__)
 
 # Bumped when the entry layout or the key's ingredients change, so old entries never match.
-FORMAT = "unik-build-cache-2"
+FORMAT = "unik-build-cache-3"
 MAX_ENTRIES = 32
 MAX_BYTES = 4 << 30
 _PACKAGE_DB = Path("/var/lib/dpkg/status")
@@ -52,6 +52,7 @@ class CachedBuild(BaseModel):
     digest: str
     size: int
     memory_mb: int
+    min_memory_mb: int = 0
     kernel_version: str
 
 

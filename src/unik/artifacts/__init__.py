@@ -15,7 +15,12 @@ from pathlib import Path
 
 from unik.models import Artifact
 
-__all__ = ["ArtifactStore", "FileDigests", "artifact_digest", "hardlink_or_copy"]
+__all__ = ["ArtifactStore", "FileDigests", "artifact_digest", "hardlink_or_copy", "initrd_min_memory_mb"]
+
+# Guest RAM a Linux guest needs beside its initrd before the app runs: the kernel, its
+# allocations and the guest init. bench/min_memory.py measured the floors it is fitted to.
+KERNEL_BASE_MB = 40
+MEMORY_STEP_MB = 16
 
 
 class FileDigests:
@@ -50,6 +55,14 @@ def artifact_digest(folder: Path, artifact: Artifact) -> tuple[str, int]:
         lines.append(f"{file.role} {DIGESTS.sha256(path)}\n")
         size += path.stat().st_size
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest(), size
+
+
+def initrd_min_memory_mb(initrd_bytes: int, runtime_mb: int) -> int:
+    """The least guest memory a kernel+initrd image boots in: while the kernel unpacks the
+    initrd, the archive and its unpacked copy are both in RAM; then the runtime needs its own.
+    Rounded up to 16 MB, one step above the floors measured."""
+    need = 2 * initrd_bytes / (1 << 20) + KERNEL_BASE_MB + runtime_mb
+    return int(-(-need // MEMORY_STEP_MB) * MEMORY_STEP_MB)
 
 
 def hardlink_or_copy(source: Path, target: Path) -> None:

@@ -33,6 +33,9 @@ class AppBundle:
     # The least memory (MB) the image boots in (big runtimes: the initrd is unpacked into RAM);
     # the image's default instance memory is raised to it.
     memory_mb: int = 0
+    # What the runtime itself needs once the initrd is unpacked (measured by bench/min_memory.py):
+    # with the initrd's own footprint it makes the image's minimum memory.
+    runtime_min_mb: int = 0
 
 
 class Compiler(ABC):

@@ -78,6 +78,8 @@ class ImageRunSpec(BaseModel):
     DeviceMappings: list[DeviceMapping] = Field(default_factory=list)
     DefaultInstanceMemory: int = 128
     MinInstanceDiskMB: int = 0
+    # Addition: the least MemoryMb the image boots in (a run below it is a 400); 0 when unknown.
+    MinInstanceMemoryMB: int = 0
     StorageDriver: str = ""
     VsphereNetworkType: str = ""
     Compiler: str = ""

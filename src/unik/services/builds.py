@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from unik import guest
 from unik.archive import safe_extract
-from unik.artifacts import DIGESTS, artifact_digest, hardlink_or_copy
+from unik.artifacts import DIGESTS, artifact_digest, hardlink_or_copy, initrd_min_memory_mb
 from unik.build_cache import BuildCache, CachedBuild, archive_sha256, cache_key, code_fingerprint, host_packages
 from unik.compilers import Compiler, CompilerRegistry, build_settings
 from unik.compilers.base import AppBundle, Sandbox, build_sandbox, sandbox_available
@@ -130,7 +130,8 @@ class BuildService:
                 DeviceMappings=[
                     DeviceMapping(MountPoint=m, DeviceName=provider.volume_device(i)) for i, m in enumerate(points)
                 ],
-                DefaultInstanceMemory=max(provider.default_memory_mb, built.memory_mb),
+                DefaultInstanceMemory=max(provider.default_memory_mb, built.memory_mb, built.min_memory_mb),
+                MinInstanceMemoryMB=built.min_memory_mb,
                 Compiler=compiler.name,
             ),
         )
@@ -193,7 +194,9 @@ class BuildService:
         )
         hardlink_or_copy(kernel.vmlinux, staging / artifact.name_of("kernel"))
         digest, size = artifact_digest(staging, artifact)
+        initrd_bytes = (staging / artifact.name_of("initrd")).stat().st_size
         built = CachedBuild(artifact=artifact, digest=digest, size=size, memory_mb=bundle.memory_mb,
+                            min_memory_mb=initrd_min_memory_mb(initrd_bytes, bundle.runtime_min_mb),
                             kernel_version=kernel.version)  # fmt: skip
         if build_key is not None:
             self.cache.store(build_key, staging, built)

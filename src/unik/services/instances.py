@@ -49,6 +49,14 @@ class InstanceService:
         memory = request.MemoryMb or image.obj.RunSpec.DefaultInstanceMemory
         if memory <= 0 or memory > provider.max_memory_mb:
             raise BadRequest(f"MemoryMb must be between 1 and {provider.max_memory_mb}")
+        minimum = image.obj.RunSpec.MinInstanceMemoryMB
+        if memory < minimum:
+            # Below it the guest runs out of memory unpacking its initrd or starting its runtime:
+            # a 201 would hand the user a VM that dies in its first second.
+            raise BadRequest(
+                f"MemoryMb {memory} is below image {image.name!r}'s minimum of {minimum} MB "
+                f"(its default is {image.obj.RunSpec.DefaultInstanceMemory} MB)"
+            )
         if request.DebugMode:
             provider.require(Capability.DEBUG_PORT)
         env = check_env(request.Env or {})

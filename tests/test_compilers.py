@@ -19,9 +19,6 @@ from unik.compilers.linux_c import LinuxCCompiler
 from unik.errors import BadRequest
 
 requires_musl = pytest.mark.skipif(shutil.which("musl-gcc") is None, reason="musl-gcc not installed")
-requires_gcc_make = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("make") is None, reason="gcc/make not installed"
-)
 
 HELLO = '#include <stdio.h>\nint main(void) { puts("hello from unik"); return 0; }\n'
 
@@ -293,17 +290,6 @@ def test_two_mains_is_a_bad_request(tmp_path: Path) -> None:
     with pytest.raises(BadRequest) as info:
         compile_tree(tmp_path, {"a.c": "int main(void){return 0;}\n", "b.c": "int main(void){return 1;}\n"})
     assert "main" in info.value.message
-
-
-@requires_musl
-@requires_gcc_make
-def test_a_dynamically_linked_binary_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BadRequest) as info:
-        compile_tree(tmp_path, {"Makefile": "app: main.c\n\tgcc -o app main.c\n", "main.c": HELLO})
-    message = info.value.message
-    assert "dynamically linked" in message
-    assert "-static" in message
-    assert not (tmp_path / "build" / "root" / "unik" / "app").exists()
 
 
 @requires_musl

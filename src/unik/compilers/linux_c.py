@@ -2,29 +2,53 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import struct
 from pathlib import Path
 
+from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
-from unik.compilers.toolchain import image_root, install_file
+from unik.compilers.toolchain import (
+    BUILD_COMMAND,
+    BUILD_COMMAND_GUIDE,
+    build_command,
+    image_root,
+    inside,
+    install_file,
+    manifest_str,
+    read_manifest,
+    run_build_command,
+)
 from unik.errors import BadRequest
 
 GUEST_APP = "unik/app"
+MANIFEST_KEYS = {"binary_name", BUILD_COMMAND}
+# -static in CC too: many Makefiles link with $(CC) alone and never pass $(LDFLAGS).
+MAKE_VARIABLES = ["CC=musl-gcc -static", "LDFLAGS=-static"]
+# Weaker than make's command-line variables (a Makefile's own assignments win), but what
+# ./configure and a Makefile that leaves CC alone pick up.
+BUILD_COMMAND_ENV = {"CC": "musl-gcc -static", "LDFLAGS": "-static"}
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 linux-c: a C program on a Linux micro-VM (built statically with musl-gcc on the daemon's host).
 
 Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs it for you):
   * Without a Makefile: every *.c file in the folder (and its sub-folders) is compiled and
     linked into one static program:  musl-gcc -static -O2 -I. *.c -lm
     Put exactly one main() among them.
-  * With a Makefile at the top: `make CC=musl-gcc` runs there. Its default target must
-    produce an executable named `app` at the top of the folder (or exactly one new
-    executable file). Link it statically (LDFLAGS=-static is passed; add it if you set
-    LDFLAGS yourself): the guest has no shared libraries.
-  * Only musl's C library is available: no other libraries are installed for the build.
+  * With a Makefile at the top: `make "CC=musl-gcc -static" LDFLAGS=-static` runs there. The
+    program is the file manifest.yaml names (`binary_name: hello`, a path in the folder),
+    else an executable named `app` at the top of the folder, else the one new executable.
+    Use $(CC) and the program is static. One the Makefile still links dynamically (it calls
+    gcc or cc itself) works too: its loader and every shared library its ELF headers name
+    are packed into the image.
+{BUILD_COMMAND_GUIDE}
+    It replaces `make` (CC="musl-gcc -static" and LDFLAGS=-static are in its environment);
+    the program is then found as with a Makefile.
+  * Only musl's C library is available to musl-gcc: no other libraries are installed for
+    the build.
 The program is the guest's only process. Its stdout and stderr are the instance's logs
 (`unik logs`). The build's `--args` are its default arguments; `unik run --env K=V` sets
 its environment. When it exits the VM powers off and the instance reads `stopped`; the
@@ -45,41 +69,68 @@ class LinuxCCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
-        if (project / "Makefile").exists() or (project / "makefile").exists():
-            binary = await make_app(project, ["CC=musl-gcc", "LDFLAGS=-static"], timeout)
-            require_static_elf(binary)
+        manifest = read_manifest(project, MANIFEST_KEYS)
+        command = build_command(manifest)
+        if command is not None or has_makefile(project):
+            binary = await make_app(
+                project,
+                MAKE_VARIABLES,
+                timeout,
+                binary_name=manifest_str(manifest, "binary_name"),
+                command=command,
+                work=work,
+                env=BUILD_COMMAND_ENV,
+            )
             # The Makefile could write anywhere in the build folder: the image tree is made
             # afresh once nothing of the build runs, and written without following links.
             root = image_root(work, project)
-            install_file(root, "/" + GUEST_APP, binary, mode=0o755, follow_links=False)
-        else:
-            sources = sorted(
-                str(p.relative_to(project))
-                for p in project.rglob("*.c")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(project).parts)
-            )
-            if not sources:
-                raise BadRequest("no C sources found: the archive has no *.c file and no Makefile")
-            # Linked straight into the image tree: a file created (and later removed) the less,
-            # on the critical path of every build. musl-gcc runs none of the user's code.
-            root = work / "root"
-            app = root / GUEST_APP
-            app.parent.mkdir(parents=True, exist_ok=True)
-            await run_tool(
-                ["musl-gcc", "-static", "-O2", "-I.", "-o", str(app), *sources, "-lm"],
-                cwd=project,
-                timeout=timeout,
-            )
-            require_static_elf(app)
-            app.chmod(0o755)
+            env = install_native_program(binary, root, "/" + GUEST_APP)
+            return AppBundle(root=root, entrypoint=["/" + GUEST_APP], env=env)
+        sources = sorted(
+            str(p.relative_to(project))
+            for p in project.rglob("*.c")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(project).parts)
+        )
+        if not sources:
+            raise BadRequest("no C sources found: the archive has no *.c file and no Makefile")
+        # Linked straight into the image tree: a file created (and later removed) the less,
+        # on the critical path of every build. musl-gcc runs none of the user's code.
+        root = work / "root"
+        app = root / GUEST_APP
+        app.parent.mkdir(parents=True, exist_ok=True)
+        await run_tool(
+            ["musl-gcc", "-static", "-O2", "-I.", "-o", str(app), *sources, "-lm"],
+            cwd=project,
+            timeout=timeout,
+        )
+        require_static_elf(app)
+        app.chmod(0o755)
         return AppBundle(root=root, entrypoint=["/" + GUEST_APP])
 
 
+def has_makefile(project: Path) -> bool:
+    return (project / "Makefile").exists() or (project / "makefile").exists()
 
-async def make_app(project: Path, variables: list[str], timeout: float) -> Path:
-    """Run the project's Makefile; the program is `app`, or else the one new executable."""
+
+async def make_app(
+    project: Path,
+    variables: list[str],
+    timeout: float,
+    *,
+    binary_name: str | None = None,
+    command: str | None = None,
+    work: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Run the project's Makefile (or its manifest's build_command instead); the program is
+    `binary_name`, else `app`, else the one new executable."""
     before = set(_executables(project))
-    await run_tool(["make", *variables], cwd=project, timeout=timeout)
+    if command is None:
+        await run_tool(["make", *variables], cwd=project, timeout=timeout)
+    else:
+        await run_build_command(command, project, work or project.parent, timeout=timeout, env=env)
+    if binary_name is not None:
+        return inside(project, binary_name, "manifest.yaml binary_name")
     app = project / "app"
     if app.is_file():
         return app
@@ -87,9 +138,37 @@ async def make_app(project: Path, variables: list[str], timeout: float) -> Path:
     if len(new) != 1:
         found = ", ".join(str(p.relative_to(project)) for p in new) or "none"
         raise BadRequest(
-            f"the Makefile must produce an executable named `app` (or exactly one new executable); found: {found}"
+            f"the {'build_command' if command else 'Makefile'} must produce an executable named `app` "
+            f"(or exactly one new executable, or name it in manifest.yaml: `binary_name: NAME`); found: {found}"
         )
     return new[0]
+
+
+def install_native_program(binary: Path, root: Path, guest_path: str) -> dict[str, str]:
+    """A program a Makefile or build_command made, into the image: a static one as it is, a
+    dynamic one with its loader and libraries (read from its ELF headers)."""
+    target = install_file(root, guest_path, binary, mode=0o755, follow_links=False)
+    try:
+        info = elf.read_elf(target)
+    except ValueError:
+        raise BadRequest(f"{binary.name} is not an ELF executable") from None
+    if info.elf_class != 64 or info.machine != "EM_X86_64":
+        raise BadRequest(f"{binary.name} is not a 64-bit x86-64 ELF program")
+    if info.is_static:
+        return {}
+    if info.interpreter is not None and "ld-musl" in info.interpreter:
+        # musl's loader is its C library too: it alone serves a program needing only libc.so.
+        # Its other libraries are not installed for builds, so nothing else could be packed.
+        others = sorted(set(info.needed) - {"libc.so"})
+        if others:
+            raise BadRequest(
+                f"{binary.name} is linked dynamically against {', '.join(others)} with musl; "
+                "link it statically (-static)"
+            )
+        loader = Path(os.path.realpath(info.interpreter))
+        install_file(root, info.interpreter, loader, mode=0o755, follow_links=True)
+        return {}
+    return elf.bundle_shared_libraries(root, [guest_path])
 
 
 def project_root(source: Path) -> Path:

@@ -5,15 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
-from unik.compilers.linux_c import make_app, project_root
-from unik.compilers.toolchain import image_root, install_program, which
+from unik.compilers.linux_c import has_makefile, make_app, project_root
+from unik.compilers.toolchain import (
+    BUILD_COMMAND,
+    BUILD_COMMAND_GUIDE,
+    build_command,
+    image_root,
+    install_program,
+    manifest_str,
+    read_manifest,
+    which,
+)
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
 CXX_SUFFIXES = (".cpp", ".cc", ".cxx", ".c++")
 CXXFLAGS = ["-O2", "-std=gnu++17", "-pthread"]
+MAKE_VARIABLES = ["CXX=g++", "CC=gcc", "LDFLAGS=-static"]
+# For ./configure and Makefiles that leave these alone (a Makefile's own assignments win).
+BUILD_COMMAND_ENV = {"CXX": "g++", "CC": "gcc", "LDFLAGS": "-static"}
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 linux-cpp: a C++ program on a Linux micro-VM, built by the daemon host's g++ (GNU libstdc++
 and glibc, linked statically).
 
@@ -22,10 +34,14 @@ Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs
     sub-folders) is compiled and linked into one program:
         g++ -static -O2 -std=gnu++17 -pthread -I. SOURCES
     Put exactly one main() among them.
-  * With a Makefile at the top: `make CXX=g++ CC=gcc LDFLAGS=-static` runs there. Its default
-    target must produce an executable named `app` at the top of the folder (or exactly one
-    new executable). A program it links dynamically still works: its loader and every shared
-    library it names (read from its ELF headers) are packed into the image.
+  * With a Makefile at the top: `make CXX=g++ CC=gcc LDFLAGS=-static` runs there. The program
+    is the file manifest.yaml names (`binary_name: server`, a path in the folder), else an
+    executable named `app` at the top of the folder, else the one new executable. A program
+    it links dynamically still works: its loader and every shared library it names (read
+    from its ELF headers) are packed into the image.
+{BUILD_COMMAND_GUIDE}
+    It replaces `make` (CXX=g++ CC=gcc LDFLAGS=-static are in its environment); the program
+    is then found as with a Makefile.
   * Only the host's C and C++ standard libraries are available to link against.
 The program is the guest's only process; stdout/stderr are the instance's logs, `--args`
 its default arguments, `unik run --env K=V` its environment. It gets SIGTERM on a graceful
@@ -45,8 +61,18 @@ class LinuxCppCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
-        if (project / "Makefile").exists() or (project / "makefile").exists():
-            binary = await make_app(project, ["CXX=g++", "CC=gcc", "LDFLAGS=-static"], timeout)
+        manifest = read_manifest(project, {"binary_name", BUILD_COMMAND})
+        command = build_command(manifest)
+        if command is not None or has_makefile(project):
+            binary = await make_app(
+                project,
+                MAKE_VARIABLES,
+                timeout,
+                binary_name=manifest_str(manifest, "binary_name"),
+                command=command,
+                work=work,
+                env=BUILD_COMMAND_ENV,
+            )
         else:
             sources = cxx_sources(project)
             if not sources:

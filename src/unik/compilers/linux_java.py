@@ -14,7 +14,10 @@ from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
+    BUILD_COMMAND,
+    BUILD_COMMAND_GUIDE,
     boot_memory_mb,
+    build_command,
     copy_tree,
     image_root,
     inside,
@@ -22,6 +25,7 @@ from unik.compilers.toolchain import (
     manifest_list,
     manifest_str,
     read_manifest,
+    run_build_command,
     which,
 )
 from unik.errors import BadRequest
@@ -44,6 +48,10 @@ Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs
     gradle shadowJar), named in manifest.yaml at the top (the original UniK's rule):
         main_file: target/my-app-1.0-jar-with-dependencies.jar
     or, without manifest.yaml, the only *.jar in the folder.
+{BUILD_COMMAND_GUIDE}
+    E.g. `build_command: mvn package` with `main_file: target/x-jar-with-dependencies.jar`:
+    the jar it makes is then the program. Maven and Gradle keep their caches in HOME, empty
+    at each build: without the network a build needing a repository fails in their words.
   * Or, with no jar at all, plain *.java sources (standard library only): they are compiled
     with javac --release of the JDK and packed into a jar. The class with `static void
     main(` is the entry; with several, name it in manifest.yaml (`main_class: pkg.Main`).
@@ -80,11 +88,15 @@ class LinuxJavaCompiler(Compiler):
         home = self.java_home()
         if home is None or self.missing_toolchain():
             raise BadRequest(self.missing_toolchain() or "no JDK")
-        manifest = read_manifest(project, {"main_file", "main_class", "runtime_args", "modules"})
+        manifest = read_manifest(project, {"main_file", "main_class", "runtime_args", "modules", BUILD_COMMAND})
+        command = build_command(manifest)
+        if command is not None:
+            await run_build_command(command, project, work, timeout=timeout)
         jar = find_jar(project, manifest_str(manifest, "main_file"))
         # An uploaded jar may be the user's link to it (inside the upload: nothing has run yet);
-        # the one javac and jar made is the build's output, a link there is the build's doing.
-        uploaded = jar is not None
+        # one that build_command or javac and jar made is the build's output, a link there is
+        # the build's doing.
+        uploaded = jar is not None and command is None
         if jar is None:
             jar = await self._jar_from_sources(home, project, work, manifest_str(manifest, "main_class"), timeout)
         bin_dir = home / "bin"
@@ -112,6 +124,7 @@ class LinuxJavaCompiler(Compiler):
             ],
             env=env,
             memory_mb=boot_memory_mb(root, 128),
+            runtime_min_mb=48,
         )
 
     async def _runtime(self, home: Path, modules: list[str], timeout: float) -> Path:

@@ -10,13 +10,17 @@ from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
 from unik.compilers.toolchain import (
+    BUILD_COMMAND,
+    BUILD_COMMAND_GUIDE,
     boot_memory_mb,
+    build_command,
     copy_tree,
     image_root,
     inside,
     install_program,
     manifest_str,
     read_manifest,
+    run_build_command,
     which,
 )
 from unik.errors import BadRequest
@@ -40,6 +44,9 @@ Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs
     package.json has dependencies, `npm ci --omit=dev` runs from package-lock.json, but only
     if the daemon's config says `build_network: true`; otherwise the build fails.
   * Native addons must be built for the host's node version and for Linux x86-64.
+{BUILD_COMMAND_GUIDE}
+    It runs after `npm ci` (when that runs), before the program is looked for: e.g.
+    `build_command: npm run build` with `main_file: dist/server.js` for TypeScript.
 stdout/stderr are the instance's logs; `--args` become process.argv.slice(2), `unik run
 --env K=V` sets process.env. A graceful `unik stop` sends SIGTERM (node exits at once unless
 the program handles it with process.on('SIGTERM', ...)). The image needs about twice its
@@ -62,11 +69,18 @@ class LinuxNodejsCompiler(Compiler):
         node = which(self.settings.node)
         if node is None:
             raise BadRequest(self.missing_toolchain() or "no node")
-        manifest = read_manifest(project, {"main_file"})
+        manifest = read_manifest(project, {"main_file", BUILD_COMMAND})
+        command = build_command(manifest)
         package = read_package(project)
-        main = find_main(project, manifest_str(manifest, "main_file"), package)
+        main_file = manifest_str(manifest, "main_file")
+        # With a build_command, looked for after it: the program may be its output (dist/server.js).
+        found = find_main(project, main_file, package) if command is None else None
         if needs_install(project, package):
             await self._npm_ci(project, timeout)
+        if command is not None:
+            await run_build_command(command, project, work, timeout=timeout)
+            package = read_package(project)
+        main = found or find_main(project, main_file, package)
         guest_node = str(node)
         program = node
         strip = which("strip")
@@ -83,7 +97,11 @@ class LinuxNodejsCompiler(Compiler):
         env.update(elf.bundle_shared_libraries(root, addons))
         guest_main = f"{APP_DIR}/{main.relative_to(project.resolve()).as_posix()}"
         return AppBundle(
-            root=root, entrypoint=[guest_node, guest_main], env=env, memory_mb=boot_memory_mb(root, 64)
+            root=root,
+            entrypoint=[guest_node, guest_main],
+            env=env,
+            memory_mb=boot_memory_mb(root, 64),
+            runtime_min_mb=80,
         )
 
     async def _npm_ci(self, project: Path, timeout: float) -> None:

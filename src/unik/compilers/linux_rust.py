@@ -8,7 +8,17 @@ from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.linux_c import project_root
-from unik.compilers.toolchain import image_root, install_program, manifest_str, read_manifest, which
+from unik.compilers.toolchain import (
+    BUILD_COMMAND,
+    BUILD_COMMAND_GUIDE,
+    build_command,
+    image_root,
+    install_program,
+    manifest_str,
+    read_manifest,
+    run_build_command,
+    which,
+)
 from unik.errors import BadRequest
 
 GUEST_APP = "/unik/app"
@@ -36,6 +46,8 @@ Prepare the project as a folder, packed as tar.gz (`unik build --path DIR` packs
     Without `build_network: true` in the daemon's config the build runs with --offline.
   * The program is the package's binary target. With several, name one in manifest.yaml:
         bin: my-server
+{BUILD_COMMAND_GUIDE}
+    It runs before cargo (to generate sources, say); cargo still builds the program.
 The program is the guest's only process; stdout/stderr are the instance's logs, `--args`
 its default arguments, `unik run --env K=V` its environment. It gets SIGTERM on a graceful
 `unik stop`. Build scripts and proc-macros run on the host; a crate that links a C library
@@ -57,7 +69,10 @@ class LinuxRustCompiler(Compiler):
         work.mkdir(parents=True, exist_ok=True)
         if not (project / "Cargo.toml").is_file():
             raise BadRequest("no Cargo.toml at the top of the project")
-        manifest = read_manifest(project, {"bin"})
+        manifest = read_manifest(project, {"bin", BUILD_COMMAND})
+        command = build_command(manifest)
+        if command is not None:
+            await run_build_command(command, project, work, timeout=timeout)
         use_vendor(project)
         offline = [] if self.settings.network else ["--offline"]
         metadata = await run_tool(

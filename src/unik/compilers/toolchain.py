@@ -79,6 +79,53 @@ def manifest_list(manifest: dict[str, Any], key: str) -> list[str]:
     return list(value)
 
 
+BUILD_COMMAND = "build_command"
+BUILD_COMMAND_GUIDE = """\
+  * Optional in manifest.yaml: `build_command: sh build.sh` (or `mvn package`, `make dist`,
+    ...) runs first, with `sh -c` in the project folder, in the build sandbox: no network
+    unless the daemon's config says `build_network: true`, nothing of the host's homes but
+    the toolchains (HOME is an empty folder of the build), stopped at the build timeout.
+    Whatever it leaves in the project is what the rest of the build sees. When it fails the
+    build is a 400 carrying its output's last lines."""
+
+
+def build_command(manifest: dict[str, Any]) -> str | None:
+    """manifest.yaml's `build_command`: one shell command line, or None."""
+    return manifest_str(manifest, BUILD_COMMAND)
+
+
+async def run_build_command(
+    command: str, project: Path, work: Path, *, timeout: float, env: dict[str, str] | None = None
+) -> str:
+    """Run the user's `build_command` in the project (sandboxed during builds); its output.
+
+    HOME is a fresh folder of the build: the sandbox shows no real home, and tools that keep
+    caches there (maven, gradle, npm, pip) must find it writable."""
+    from unik.compilers.base import build_sandbox, run_tool  # base imports this module lazily too
+
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    # Java tools take their home from the password database, not $HOME.
+    java_home_opts = f"-Duser.home={home}"
+    extra = {
+        "HOME": str(home),
+        "MAVEN_OPTS": java_home_opts,
+        "GRADLE_USER_HOME": str(home / ".gradle"),
+        **(env or {}),
+    }
+    try:
+        return await run_tool(["sh", "-c", command], cwd=project, timeout=timeout, env=extra)
+    except BadRequest as exc:
+        sandbox = build_sandbox.get()
+        offline = sandbox is not None and not sandbox.network
+        note = (
+            "\n(the build sandbox has no network: `build_network: true` in the daemon's config allows it)"
+            if offline
+            else ""
+        )
+        raise BadRequest(f"manifest.yaml build_command {command!r}: {exc.message}{note}") from None
+
+
 def inside(project: Path, relative: str, what: str) -> Path:
     """A path the user named, which must stay inside the project and exist."""
     path = (project / relative).resolve()

@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 3000
-DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap bc bison flex libelf-dev libssl-dev xz-utils
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap bc bison flex libelf-dev libssl-dev xz-utils fdisk syslinux syslinux-common systemd-boot-efi ovmf
 PYTEST_ARGS ?=
 
 .PHONY: setup packages venv kernel kernel-micro run test lint bench clean

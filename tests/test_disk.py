@@ -193,17 +193,17 @@ def test_every_format_checks_out(raw_disk: Path, exported: dict[str, Path]) -> N
         print(f"{fmt}: {path.stat().st_size} bytes in the file, {facts['actual-size']} on disk")
 
 
-def _boot(argv: list[str], console: Path, what: str) -> float:
-    """Start qemu → BOOT_LINE on its serial console file, in seconds; qemu is killed after."""
+def _boot(argv: list[str], console: Path, what: str, line: bytes = BOOT_LINE) -> float:
+    """Start qemu → `line` on its serial console file, in seconds; qemu is killed after."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while time.perf_counter() - started < BOOT_DEADLINE:
             exited = proc.poll() is not None  # asked first: the VM prints its line, then powers off
             with contextlib.suppress(OSError):
-                if BOOT_LINE in console.read_bytes():
+                if line in console.read_bytes():
                     elapsed = time.perf_counter() - started
-                    print(f"\n{what}: {BOOT_LINE.decode()!r} after {elapsed:.2f} s")
+                    print(f"\n{what}: {line.decode()!r} after {elapsed:.2f} s")
                     return elapsed
             if exited:
                 break
@@ -212,7 +212,7 @@ def _boot(argv: list[str], console: Path, what: str) -> float:
         proc.kill()
         _, stderr = proc.communicate()
     log = console.read_bytes()[-2000:] if console.exists() else b"(no console output)"
-    pytest.fail(f"{what} never printed {BOOT_LINE!r}; qemu: {stderr.decode(errors='replace')}; console: {log!r}")
+    pytest.fail(f"{what} never printed {line!r}; qemu: {stderr.decode(errors='replace')}; console: {log!r}")
 
 
 def _qemu(machine: str, console: Path, *drives: str) -> list[str]:

@@ -61,6 +61,9 @@ class DaemonConfig(BaseModel):
     build_timeout: int = Field(default=600, gt=0)
     # Volume files are sparse, but an app may fill them: this bounds the host disk one can take.
     max_volume_mb: int = Field(default=65536, gt=0)
+    # Exported disks (GET /images/{name}/disk) are kept for the next export of the same image,
+    # format and run config; beyond this many MB the oldest go.
+    disk_cache_mb: int = Field(default=4096, ge=0)
     version: str = ""
     # Whether builds may download (go modules, pip's index, npm ci); off, an upload must carry
     # its dependencies (vendor/, wheels/, node_modules/).

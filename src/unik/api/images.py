@@ -1,13 +1,15 @@
-"""Images: list, describe, build from an uploaded tar.gz, delete; the hub routes (push, pull, search)."""
+"""Images: list, describe, build from an uploaded tar.gz, export as a disk, delete; the hub
+routes (push, pull, search)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
 
 from unik.api.deps import ServicesDep
 from unik.api.params import NamePath, RefPath, check_upload_size, json_body, query_or_form, truthy
 from unik.errors import BadRequest
-from unik.models import BuildImageRequest, HubConfig, HubImage, HubTransfer, Image, PullImageRequest
+from unik.models import BuildImageRequest, ExportDiskRequest, HubConfig, HubImage, HubTransfer, Image, PullImageRequest
 
 router = APIRouter(tags=["images"])
 
@@ -63,6 +65,22 @@ async def create_image(
         no_cleanup=truthy(params["no_cleanup"]),
     )
     return await services.builds.build(build)
+
+
+@router.get(
+    "/images/{name}/disk",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "the bootable disk"}},
+)
+async def export_disk(
+    name: RefPath,
+    services: ServicesDep,
+    format: str = Query(..., max_length=16, description="raw, qcow2, vmdk, vhd, vhdx or vdi"),
+    env: list[str] = Query([], description="KEY=VALUE baked into the disk's run config (repeatable)"),
+    args: str | None = Query(None, max_length=4096, description="default arguments (else the image's)"),
+) -> FileResponse:
+    disk = await services.disks.export(ExportDiskRequest(image=name, format=format, env=env, args=args))
+    return FileResponse(disk.path, media_type="application/octet-stream", filename=disk.filename)
 
 
 @router.delete("/images/{name}", status_code=204, response_class=Response)

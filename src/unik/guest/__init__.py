@@ -264,14 +264,31 @@ def assemble_initrd(
             w.add_file("unik/entrypoint", _words(entrypoint))
             w.add_file("unik/args", _words(args))
             w.add_file("unik/env", _env_words(env))
-            w.add_file("unik/modules", "".join(f"/lib/modules/{n}\n" for n in names).encode())
-            for module in modules:
-                w.add_file(f"lib/modules/{module.name}", Path(module), 0o644)
+            _add_modules(w, modules)
             w.add_tree(Path(app_root))
             w.close()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _add_modules(w: CpioWriter, modules: list[Path]) -> None:
+    w.add_file("unik/modules", "".join(f"/lib/modules/{m.name}\n" for m in modules).encode())
+    for module in modules:
+        w.add_file(f"lib/modules/{module.name}", Path(module), 0o644)
+
+
+def modules_cpio(modules: list[Path]) -> bytes:
+    """An archive that, concatenated after an image's initrd, replaces the modules it loads
+    (`/unik/modules`): a later member of the same name overwrites an earlier one."""
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.add_dir("unik", 0o755)
+    w.add_dir("lib", 0o755)
+    w.add_dir("lib/modules", 0o755)
+    _add_modules(w, modules)
+    w.close()
+    return buf.getvalue()
 
 
 def run_config_cpio(

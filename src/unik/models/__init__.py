@@ -10,7 +10,13 @@ from unik.models.records import (
     VolumeAttachment,
     VolumeMeta,
 )
-from unik.models.requests import AttachVolumeRequest, BuildImageRequest, CreateVolumeRequest, PullImageRequest
+from unik.models.requests import (
+    AttachVolumeRequest,
+    BuildImageRequest,
+    CreateVolumeRequest,
+    ExportDiskRequest,
+    PullImageRequest,
+)
 from unik.models.wire import (
     NAME_PATTERN,
     DeviceMapping,
@@ -35,8 +41,9 @@ from unik.models.wire import (
 
 __all__ = [
     "KERNEL_INITRD", "NAME_PATTERN", "Artifact", "ArtifactFile", "AttachVolumeRequest", "BuildImageRequest",
-    "CreateVolumeRequest", "DeviceMapping", "ErrorBody", "HubConfig", "HubImage", "HubTransfer", "Image",
-    "ImageFormat", "ImageMeta", "ImageRunSpec", "ImageStageSpec", "Infrastructure", "Instance", "InstanceMeta",
-    "InstanceState", "LaunchSpec", "Name", "PortMapping", "PullImageRequest", "RunInstanceRequest", "Volume",
+    "CreateVolumeRequest", "DeviceMapping", "ErrorBody", "ExportDiskRequest", "HubConfig", "HubImage",
+    "HubTransfer", "Image", "ImageFormat", "ImageMeta", "ImageRunSpec", "ImageStageSpec", "Infrastructure",
+    "Instance", "InstanceMeta", "InstanceState", "LaunchSpec", "Name", "PortMapping", "PullImageRequest",
+    "RunInstanceRequest", "Volume",
     "VolumeAttachment", "VolumeMeta", "is_valid_name", "now_rfc3339",
 ]  # fmt: skip

@@ -50,3 +50,13 @@ class PullImageRequest:
     credentials: HubConfig
     provider: str
     force: bool = False
+
+
+@dataclass(frozen=True)
+class ExportDiskRequest:
+    image: str
+    format: str
+    # KEY=VALUE pairs as given: the service says which one is malformed.
+    env: list[str] = field(default_factory=list)
+    # None: the image's own default arguments.
+    args: str | None = None

@@ -17,6 +17,7 @@ from unik.config import DaemonConfig
 from unik.providers.base import Provider
 from unik.services.builds import BuildService
 from unik.services.context import Context
+from unik.services.disks import DiskService
 from unik.services.hub import HubService
 from unik.services.images import ImageService
 from unik.services.instances import InstanceService
@@ -38,6 +39,7 @@ class Services:
     volumes: VolumeService
     logs: LogService
     hub: HubService
+    disks: DiskService
 
     @classmethod
     def create(
@@ -63,6 +65,7 @@ class Services:
             volumes=VolumeService(ctx),
             logs=LogService(ctx, instances),
             hub=HubService(ctx, images),
+            disks=DiskService(ctx),
         )
 
     @property

@@ -1,0 +1,152 @@
+"""Disks: an image exported as a bootable disk (raw, qcow2, vmdk, vhd, vhdx, vdi) with a run
+configuration baked in, made on demand and kept beside the image for the next same export.
+
+A disk boots Debian's cloud kernel, which has the EFI stub the micro kernel lacks, so the
+image's initrd gets that kernel's drivers for common virtual hardware (appended as an archive
+that replaces the list of modules init loads), then the run configuration (env, args). The
+disks live in the image's own folder (`<data>/images/<id>/disks/`): deleting or replacing the
+image deletes them, and `disk_cache_mb` bounds them all together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shlex
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from unik import guest
+from unik.artifacts import DIGESTS
+from unik.artifacts.disk import FORMATS, build_raw_disk, convert_disk, missing_disk_tools
+from unik.errors import BadRequest, NotImplementedByProvider
+from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
+from unik.kernel import load as load_kernel
+from unik.models import KERNEL_INITRD, ExportDiskRequest
+from unik.services.checks import check_env
+from unik.services.context import Context, ImageRecord
+
+log = logging.getLogger(__name__)
+
+# Drivers for the disks and NICs of common virtual hardware that Debian's cloud kernel has as
+# modules: virtio (QEMU/KVM, GCE), PIIX IDE, VMware's vmxnet3 and pvscsi, AWS's ENA (NVMe is
+# built in). Hyper-V's need hv_vmbus, which fails to load elsewhere and would say so each boot.
+DISK_MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "ata_piix",
+    "vmxnet3", "vmw_pvscsi", "ena", "vfat", "nls_cp437", "nls_utf8", "nls_ascii",
+)  # fmt: skip
+EXTENSIONS = {"raw": "img"}
+# The env baked into a disk travels in a URL: this bounds what one request can make the daemon write.
+MAX_ENV_BYTES = 16 << 10
+# Bumped when what goes on a disk changes, so no disk made by older code is handed out.
+DISK_LAYOUT = 1
+# A disk younger than this may still be streaming to a client: eviction leaves it alone.
+EVICT_AFTER_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ExportedDisk:
+    path: Path
+    filename: str
+
+
+class DiskService:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def export(self, request: ExportDiskRequest) -> ExportedDisk:
+        """The image as a bootable disk in its format, made now or found from an earlier export."""
+        ref, fmt, args = request.image, request.format, request.args
+        if fmt not in FORMATS:
+            raise BadRequest(f"unknown disk format {fmt!r}; one of {', '.join(FORMATS)}")
+        env = _parse_env(request.env)
+        image = self.ctx.store.images.find(ref)
+        if image.meta.artifact.format != KERNEL_INITRD:
+            raise NotImplementedByProvider(
+                f"image {image.name!r} is a {image.meta.artifact.format} image; disks are made of a kernel+initrd"
+            )
+        if problem := missing_disk_tools():
+            raise NotImplementedByProvider(f"this host cannot make bootable disks: {problem}")
+        try:
+            default_args = image.meta.args if args is None else shlex.split(args)
+        except ValueError as exc:
+            raise BadRequest(f"args: {exc}") from exc
+        try:
+            kernel = load_kernel(default_kernel_root(), "cloud")
+        except FileNotFoundError as exc:
+            raise NotImplementedByProvider(f"bootable disks boot Debian's cloud kernel: {exc}") from exc
+        run_config = guest.run_config_cpio(env=env, args=default_args, hostname=image.name)
+        key = _disk_key(image, fmt, run_config, kernel)
+        target = self.ctx.artifacts.folder(image.id) / "disks" / f"{key}.{EXTENSIONS.get(fmt, fmt)}"
+        # One export of a key at a time: the second waits and finds the first one's disk.
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if not target.is_file():
+                await asyncio.to_thread(self._make, image, fmt, run_config, kernel, target)
+        return ExportedDisk(target, f"{image.name}.{EXTENSIONS.get(fmt, fmt)}")
+
+    def _make(self, image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel, target: Path) -> None:
+        work = self.ctx.tmp_dir / f"disk-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            initrd = work / "initrd"
+            with open(initrd, "wb") as out:
+                with open(self.ctx.artifacts.path(image.id, image.meta.artifact, "initrd"), "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                out.write(guest.modules_cpio(kernel.module_closure(list(DISK_MODULES))))
+                out.write(run_config)
+            raw = work / "disk.raw"
+            build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), raw)
+            target.parent.mkdir(exist_ok=True)
+            if fmt == "raw":
+                raw.rename(target)
+            else:
+                convert_disk(raw, fmt, target)
+            log.info("exported image %s as %s (%d MB)", image.name, fmt, target.stat().st_size >> 20)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._evict(keep=target)
+
+    def _evict(self, keep: Path) -> None:
+        """Oldest disks first until all of them fit in disk_cache_mb."""
+        disks = [p for p in self.ctx.artifacts.root.glob("*/disks/*") if p.is_file()]
+        total = sum(p.stat().st_size for p in disks)
+        bound = self.ctx.config.disk_cache_mb << 20
+        now = time.time()
+        for disk in sorted(disks, key=lambda p: p.stat().st_mtime):
+            if total <= bound:
+                break
+            if disk == keep or now - disk.stat().st_mtime < EVICT_AFTER_SECONDS:
+                continue
+            total -= disk.stat().st_size
+            disk.unlink(missing_ok=True)
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    if sum(len(p) for p in pairs) > MAX_ENV_BYTES:
+        raise BadRequest(f"env is larger than {MAX_ENV_BYTES >> 10} KiB")
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"env {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return check_env(env)
+
+
+def _disk_key(image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel) -> str:
+    parts = {
+        "layout": DISK_LAYOUT,
+        "image": image.meta.digest,
+        "format": fmt,
+        "run_config": hashlib.sha256(run_config).hexdigest(),
+        "kernel": kernel.version,
+        "bzimage": DIGESTS.sha256(kernel.bzimage),
+        "modules": list(DISK_MODULES),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

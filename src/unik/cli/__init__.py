@@ -100,6 +100,7 @@ _COMMANDS: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (("describe-instance",), instances.describe_instance),
     (("describe-volume",), volumes.describe_volume),
     (("delete-image", "rmi"), images.delete_image),
+    (("export",), images.export),
     (("delete-instance", "rm"), instances.delete_instance),
     (("start",), instances.start),
     (("stop",), instances.stop),

@@ -1,4 +1,4 @@
-"""Image commands: build, images, describe-image, delete-image (rmi)."""
+"""Image commands: build, images, describe-image, delete-image (rmi), export."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 from rich.progress import TaskID
 
+from unik.cli.instances import _parse_env
 from unik.cli.output import _byte_progress, _print_json, print_images
 from unik.cli.settings import HostOpt, _client
+from unik.client.images import DISK_FORMATS, disk_filename
 
 
 def _split_list(values: Iterable[str] | None) -> list[str]:
@@ -77,3 +79,38 @@ def delete_image(
     """Delete an image (alias: rmi)."""
     _client(host).images.delete(image, force=force)
     typer.echo(f"deleted image {image}")
+
+
+def export(
+    image: Annotated[str, typer.Option("--image", help="Image to export.")],
+    fmt: Annotated[str, typer.Option("--format", help=f"Disk format: {', '.join(DISK_FORMATS)}.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", help="File to write, or a folder. Default: IMAGE.EXT in the current folder, .img for raw."
+        ),
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="KEY=VALUE baked into the disk's environment (repeatable).")
+    ] = None,
+    args: Annotated[
+        str | None, typer.Option("--args", help="Default arguments of the program on this disk (shell-split).")
+    ] = None,
+    host: HostOpt = None,
+) -> None:
+    """Download a bootable disk of an image, to run without the daemon."""
+    # Checked before the request, so a typo costs no daemon work.
+    variables = _parse_env(env)
+    client = _client(host)
+    with _byte_progress() as bar:
+        task: TaskID = bar.add_task(f"{image}: exporting", total=None)
+
+        def progress(done: int, total: int) -> None:
+            # Without a Content-Length (total 0) the bar counts bytes and shows no end.
+            bar.update(task, completed=done, total=total or None)
+
+        path = client.images.export(
+            image, fmt, output or Path(disk_filename(image, fmt)), env=variables, args=args, progress=progress
+        )
+    size = path.stat().st_size
+    typer.echo(f"exported image {image} to {path} ({size / 1e6:.1f} MB)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -108,7 +108,8 @@ class UnikClient:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
+        # Pairs for a key that repeats (`env=A=1&env=B=2`); a Mapping cannot hold those.
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         content: bytes | _MultipartBody | None = None,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,

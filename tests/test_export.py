@@ -76,11 +76,14 @@ def test_a_disk_is_kept_for_the_same_export_and_goes_with_its_image(hello_api: T
     assert first.headers["content-disposition"] == 'attachment; filename="hello.vmdk"'
     assert first.headers["content-type"] == "application/octet-stream"
     assert int(first.headers["content-length"]) == len(first.content)
-    (kept,) = disks_of(data_dir)
+    kept = disks_of(data_dir)
+    assert sorted(p.suffix for p in kept) == [".img", ".vmdk"]  # the vmdk and the raw disk it came from
     assert hello_api.get("/images/hello/disk?format=vmdk&env=K=1").content == first.content
-    assert disks_of(data_dir) == [kept]  # the same export again: the same disk
+    assert disks_of(data_dir) == kept  # the same export again: the same disks
+    assert hello_api.get("/images/hello/disk?format=qcow2&env=K=1").status_code == 200
+    assert len(disks_of(data_dir)) == 3  # another format of the same run config: from the same raw disk
     assert hello_api.get("/images/hello/disk?format=vmdk&env=K=2").status_code == 200
-    assert len(disks_of(data_dir)) == 2  # another run config: another disk
+    assert len(disks_of(data_dir)) == 5  # another run config: other disks
     assert hello_api.delete("/images/hello").status_code == 204
     assert disks_of(data_dir) == []
 

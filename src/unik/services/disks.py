@@ -82,15 +82,33 @@ class DiskService:
         except FileNotFoundError as exc:
             raise NotImplementedByProvider(f"bootable disks boot Debian's cloud kernel: {exc}") from exc
         run_config = guest.run_config_cpio(env=env, args=default_args, hostname=image.name)
-        key = _disk_key(image, fmt, run_config, kernel)
-        target = self.ctx.artifacts.folder(image.id) / "disks" / f"{key}.{EXTENSIONS.get(fmt, fmt)}"
-        # One export of a key at a time: the second waits and finds the first one's disk.
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if not target.is_file():
-                await asyncio.to_thread(self._make, image, fmt, run_config, kernel, target)
+        # Every format is converted from the raw disk of the same run config, kept as well:
+        # making it is most of an export, converting it is what qemu-img alone costs.
+        raw = self._disk_path(image, "raw", run_config, kernel)
+        # One export of a disk at a time: the second waits and finds the first one's disk.
+        async with self._lock(raw):
+            if raw.is_file():
+                raw.touch()  # in use: the oldest go first when the cache is full
+            else:
+                await asyncio.to_thread(self._make_raw, image, run_config, kernel, raw)
+        target = raw
+        if fmt != "raw":
+            target = self._disk_path(image, fmt, run_config, kernel)
+            async with self._lock(target):
+                if not target.is_file():
+                    await asyncio.to_thread(convert_disk, raw, fmt, target)
+                    log.info("exported image %s as %s (%d MB)", image.name, fmt, target.stat().st_size >> 20)
+        await asyncio.to_thread(self._evict, keep={raw, target})
         return ExportedDisk(target, f"{image.name}.{EXTENSIONS.get(fmt, fmt)}")
 
-    def _make(self, image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel, target: Path) -> None:
+    def _lock(self, disk: Path) -> asyncio.Lock:
+        return self._locks.setdefault(disk.name, asyncio.Lock())
+
+    def _disk_path(self, image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel) -> Path:
+        key = _disk_key(image, fmt, run_config, kernel)
+        return self.ctx.artifacts.folder(image.id) / "disks" / f"{key}.{EXTENSIONS.get(fmt, fmt)}"
+
+    def _make_raw(self, image: ImageRecord, run_config: bytes, kernel: Kernel, target: Path) -> None:
         work = self.ctx.tmp_dir / f"disk-{uuid.uuid4().hex}"
         work.mkdir()
         try:
@@ -103,16 +121,12 @@ class DiskService:
             raw = work / "disk.raw"
             build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), raw)
             target.parent.mkdir(exist_ok=True)
-            if fmt == "raw":
-                raw.rename(target)
-            else:
-                convert_disk(raw, fmt, target)
-            log.info("exported image %s as %s (%d MB)", image.name, fmt, target.stat().st_size >> 20)
+            raw.rename(target)
+            log.info("exported image %s as a raw disk (%d MB)", image.name, target.stat().st_size >> 20)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self._evict(keep=target)
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: set[Path]) -> None:
         """Oldest disks first until all of them fit in disk_cache_mb."""
         disks = [p for p in self.ctx.artifacts.root.glob("*/disks/*") if p.is_file()]
         total = sum(p.stat().st_size for p in disks)
@@ -121,7 +135,7 @@ class DiskService:
         for disk in sorted(disks, key=lambda p: p.stat().st_mtime):
             if total <= bound:
                 break
-            if disk == keep or now - disk.stat().st_mtime < EVICT_AFTER_SECONDS:
+            if disk in keep or now - disk.stat().st_mtime < EVICT_AFTER_SECONDS:
                 continue
             total -= disk.stat().st_size
             disk.unlink(missing_ok=True)

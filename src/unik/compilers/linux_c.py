@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import struct
 from pathlib import Path
 
-from unik.compilers import elf
 from unik.compilers.base import AppBundle, Compiler, run_tool
 from unik.compilers.toolchain import (
     BUILD_COMMAND,
@@ -16,7 +14,7 @@ from unik.compilers.toolchain import (
     build_command,
     image_root,
     inside,
-    install_file,
+    install_program,
     manifest_str,
     read_manifest,
     run_build_command,
@@ -69,22 +67,12 @@ class LinuxCCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
-        manifest = read_manifest(project, MANIFEST_KEYS)
-        command = build_command(manifest)
-        if command is not None or has_makefile(project):
-            binary = await make_app(
-                project,
-                MAKE_VARIABLES,
-                timeout,
-                binary_name=manifest_str(manifest, "binary_name"),
-                command=command,
-                work=work,
-                env=BUILD_COMMAND_ENV,
-            )
+        binary = await make_program(project, work, timeout, variables=MAKE_VARIABLES, env=BUILD_COMMAND_ENV)
+        if binary is not None:
             # The Makefile could write anywhere in the build folder: the image tree is made
             # afresh once nothing of the build runs, and written without following links.
             root = image_root(work, project)
-            env = install_native_program(binary, root, "/" + GUEST_APP)
+            env = install_program(binary, root, "/" + GUEST_APP)
             return AppBundle(root=root, entrypoint=["/" + GUEST_APP], env=env)
         sources = sorted(
             str(p.relative_to(project))
@@ -110,6 +98,19 @@ class LinuxCCompiler(Compiler):
 
 def has_makefile(project: Path) -> bool:
     return (project / "Makefile").exists() or (project / "makefile").exists()
+
+
+async def make_program(
+    project: Path, work: Path, timeout: float, *, variables: list[str], env: dict[str, str]
+) -> Path | None:
+    """The program the project's Makefile, or manifest.yaml's build_command, makes; None when
+    the project has neither (the compiler then builds its sources itself)."""
+    manifest = read_manifest(project, MANIFEST_KEYS)
+    command = build_command(manifest)
+    if command is None and not has_makefile(project):
+        return None
+    binary_name = manifest_str(manifest, "binary_name")
+    return await make_app(project, variables, timeout, binary_name=binary_name, command=command, work=work, env=env)
 
 
 async def make_app(
@@ -142,33 +143,6 @@ async def make_app(
             f"(or exactly one new executable, or name it in manifest.yaml: `binary_name: NAME`); found: {found}"
         )
     return new[0]
-
-
-def install_native_program(binary: Path, root: Path, guest_path: str) -> dict[str, str]:
-    """A program a Makefile or build_command made, into the image: a static one as it is, a
-    dynamic one with its loader and libraries (read from its ELF headers)."""
-    target = install_file(root, guest_path, binary, mode=0o755, follow_links=False)
-    try:
-        info = elf.read_elf(target)
-    except ValueError:
-        raise BadRequest(f"{binary.name} is not an ELF executable") from None
-    if info.elf_class != 64 or info.machine != "EM_X86_64":
-        raise BadRequest(f"{binary.name} is not a 64-bit x86-64 ELF program")
-    if info.is_static:
-        return {}
-    if info.interpreter is not None and "ld-musl" in info.interpreter:
-        # musl's loader is its C library too: it alone serves a program needing only libc.so.
-        # Its other libraries are not installed for builds, so nothing else could be packed.
-        others = sorted(set(info.needed) - {"libc.so"})
-        if others:
-            raise BadRequest(
-                f"{binary.name} is linked dynamically against {', '.join(others)} with musl; "
-                "link it statically (-static)"
-            )
-        loader = Path(os.path.realpath(info.interpreter))
-        install_file(root, info.interpreter, loader, mode=0o755, follow_links=True)
-        return {}
-    return elf.bundle_shared_libraries(root, [guest_path])
 
 
 def project_root(source: Path) -> Path:

@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from unik.compilers.base import AppBundle, Compiler, run_tool
-from unik.compilers.linux_c import has_makefile, make_app, project_root
+from unik.compilers.linux_c import make_program, project_root
 from unik.compilers.toolchain import (
-    BUILD_COMMAND,
     BUILD_COMMAND_GUIDE,
-    build_command,
     image_root,
     install_program,
-    manifest_str,
-    read_manifest,
     which,
 )
 from unik.errors import BadRequest
@@ -61,19 +57,8 @@ class LinuxCppCompiler(Compiler):
     async def compile(self, source: Path, work: Path, *, timeout: float) -> AppBundle:
         project = project_root(source)
         work.mkdir(parents=True, exist_ok=True)
-        manifest = read_manifest(project, {"binary_name", BUILD_COMMAND})
-        command = build_command(manifest)
-        if command is not None or has_makefile(project):
-            binary = await make_app(
-                project,
-                MAKE_VARIABLES,
-                timeout,
-                binary_name=manifest_str(manifest, "binary_name"),
-                command=command,
-                work=work,
-                env=BUILD_COMMAND_ENV,
-            )
-        else:
+        binary = await make_program(project, work, timeout, variables=MAKE_VARIABLES, env=BUILD_COMMAND_ENV)
+        if binary is None:
             sources = cxx_sources(project)
             if not sources:
                 raise BadRequest(f"no C++ sources found: no {', '.join(CXX_SUFFIXES)} file and no Makefile")

@@ -143,7 +143,21 @@ def install_program(binary: Path, root: Path, guest_path: str) -> dict[str, str]
         info = elf.read_elf(target)
     except ValueError as exc:
         raise BadRequest(f"{binary.name} is not an ELF program") from exc
+    if info.elf_class != 64 or info.machine != "EM_X86_64":
+        raise BadRequest(f"{binary.name} is not a 64-bit x86-64 ELF program")
     if info.is_static:
+        return {}
+    if info.interpreter is not None and "ld-musl" in info.interpreter:
+        # musl's loader is its C library too: it alone serves a program needing only libc.so.
+        # Its other libraries are not installed for builds, so nothing else could be packed.
+        others = sorted(set(info.needed) - {"libc.so"})
+        if others:
+            raise BadRequest(
+                f"{binary.name} is linked dynamically against {', '.join(others)} with musl; "
+                "link it statically (-static)"
+            )
+        loader = Path(os.path.realpath(info.interpreter))
+        install_file(root, info.interpreter, loader, mode=0o755, follow_links=True)
         return {}
     return elf.bundle_shared_libraries(root, [guest_path])
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def folder_tar_gz(folder: Path) -> bytes:
 @pytest.fixture
 def hello_tgz() -> bytes:
     return folder_tar_gz(EXAMPLES / "c-hello")
+
+
+def wait_for_log(client: UnikClient, instance: str, text: str, timeout: float) -> str:
+    """The instance's console once it shows `text`; fails at once if the app ended first."""
+    deadline = time.monotonic() + timeout
+    logs = ""
+    while time.monotonic() < deadline:
+        logs = client.instances.logs(instance)
+        if text in logs:
+            return logs
+        if "unik: exit status" in logs or "unik: killed by signal" in logs:
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
 
 
 def services_of(api: TestClient) -> Services:

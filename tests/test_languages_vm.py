@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, Daemon, free_port, micro_kernel_reads_fw_cfg, requires_vm
+from tests.conftest import EXAMPLES, Daemon, free_port, micro_kernel_reads_fw_cfg, requires_vm, wait_for_log
 from unik.client import UnikClient
 from unik.compilers import CompilerRegistry
 from unik.providers.qemu import SHARED_INITRD_MIN_BYTES
@@ -17,19 +15,6 @@ pytestmark = [pytest.mark.vm, requires_vm]
 # Boot to "listening" under TCG on a busy 2-core host; the JVM and CPython are the slow ones.
 BOOT_TIMEOUT = {"go": 60.0, "cpp": 60.0, "rust": 60.0, "python": 90.0, "nodejs": 120.0, "java": 150.0}
 AVAILABLE = set(CompilerRegistry(["qemu"]).available())
-
-
-def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    logs = ""
-    while time.monotonic() < deadline:
-        logs = client.instances.logs(instance)
-        if text in logs:
-            return logs
-        if "unik: exit status" in logs or "unik: killed by signal" in logs:
-            break
-        time.sleep(0.3)
-    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
 
 
 @pytest.mark.parametrize("lang", list(BOOT_TIMEOUT))
@@ -52,7 +37,7 @@ def test_http_example_answers_through_a_published_port(client: UnikClient, daemo
         assert (folder / "image.initrd").samefile(daemon.data_dir / "images" / image.Id / "initrd")
     else:
         assert (folder / "boot.initrd").is_file() and not (folder / "run.cpio").exists()
-    _wait_for_line(client, f"{lang}-1", "listening on", BOOT_TIMEOUT[lang])
+    wait_for_log(client, f"{lang}-1", "listening on", BOOT_TIMEOUT[lang])
     base = f"http://127.0.0.1:{port}"
     ping = httpx.get(f"{base}/ping_test", timeout=30)
     assert ping.status_code == 200

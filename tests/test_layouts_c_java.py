@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, free_port, requires_vm, tar_gz
+from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm, tar_gz, wait_for_log
 from unik.client import UnikClient
 from unik.compilers import AppBundle, BuildSettings, CompilerRegistry, elf
 from unik.compilers.base import sandbox_available
@@ -41,9 +41,17 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> BuildSettings:
     return BuildSettings(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
+# The c-makefile layout builds examples/c-http's server: its source comes from there.
+SHARED_SOURCES = {"c-makefile": {"src/http.c": EXAMPLES / "c-http" / "http.c"}}
+
+
 def layout(name: str, tmp_path: Path) -> Path:
-    """A copy of a fixture project: builds write into their project folder."""
-    return Path(shutil.copytree(LAYOUTS / name, tmp_path / "src"))
+    """A copy of a fixture project (builds write into their project folder), with the example
+    sources it shares."""
+    project = Path(shutil.copytree(LAYOUTS / name, tmp_path / "src"))
+    for relative, source in SHARED_SOURCES.get(name, {}).items():
+        shutil.copyfile(source, project / relative)
+    return project
 
 
 def folder_tgz(folder: Path) -> bytes:
@@ -88,9 +96,9 @@ def configured_api(data_dir: Path) -> Iterator[MakeApi]:
 
 
 @needs_c
-def test_the_makefile_project_builds_through_the_api(api: TestClient) -> None:
+def test_the_makefile_project_builds_through_the_api(api: TestClient, tmp_path: Path) -> None:
     started = time.monotonic()
-    response = post_build(api, "c-makefile", "c", folder_tgz(LAYOUTS / "c-makefile"))
+    response = post_build(api, "c-makefile", "c", folder_tgz(layout("c-makefile", tmp_path)))
     assert response.status_code == 201, response.text
     print(f"c-makefile build: {time.monotonic() - started:.1f} s")
 
@@ -102,7 +110,7 @@ def test_the_makefile_program_is_static_and_the_one_binary_name_picks(tmp_path: 
     assert bundle.entrypoint == ["/unik/app"] and bundle.env == {}
     assert elf.read_elf(app).is_static
     # The server (hello), not the other program the Makefile made (version).
-    assert b"c-makefile: listening on port" in app.read_bytes()
+    assert b"c-http: listening on port" in app.read_bytes()
     assert {p.name for p in bundle.root.rglob("*") if p.is_file()} == {"app"}
 
 
@@ -304,19 +312,6 @@ def test_the_guides_describe_build_command(api: TestClient, lang: str) -> None:
 BOOT_TIMEOUT = {"c": 60.0, "java": 150.0}
 
 
-def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    logs = ""
-    while time.monotonic() < deadline:
-        logs = client.instances.logs(instance)
-        if text in logs:
-            return logs
-        if "unik: exit status" in logs or "unik: killed by signal" in logs:
-            break
-        time.sleep(0.3)
-    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
-
-
 @pytest.mark.vm
 @requires_vm
 @pytest.mark.parametrize(("fixture", "lang"), [("c-makefile", "c"), ("java-build-command", "java")])
@@ -326,7 +321,7 @@ def test_the_layout_serves_its_routes_in_a_vm(
     if f"linux-{lang}-qemu" not in AVAILABLE:
         pytest.skip(f"no {lang} toolchain on this host")
     started = time.monotonic()
-    client.images.build(fixture, LAYOUTS / fixture, "linux", lang, "qemu", mounts=["/data"])
+    client.images.build(fixture, layout(fixture, tmp_path), "linux", lang, "qemu", mounts=["/data"])
     print(f"{fixture}: built in {time.monotonic() - started:.1f} s")
     data = tmp_path / "volume"
     data.mkdir()
@@ -341,7 +336,7 @@ def test_the_layout_serves_its_routes_in_a_vm(
         mounts={"/data": f"{fixture}-data"},
         ports=[{"HostPort": port, "GuestPort": 8080}],
     )
-    logs = _wait_for_line(client, f"{fixture}-1", "listening on", BOOT_TIMEOUT[lang])
+    logs = wait_for_log(client, f"{fixture}-1", "listening on", BOOT_TIMEOUT[lang])
     print(f"{fixture}: listening {time.monotonic() - started:.1f} s after run")
     if lang == "java":
         assert "as java-build-command" in logs  # runtime_args reached the JVM

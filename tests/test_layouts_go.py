@@ -7,14 +7,13 @@ import io
 import shutil
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, free_port, requires_vm
+from tests.conftest import Daemon, free_port, requires_vm, wait_for_log
 from unik.client import UnikClient
 from unik.compilers import AppBundle, BuildSettings, elf
 from unik.compilers.linux_go import DEFAULT_IMPORT_PATH, LinuxGoCompiler, find_import_path
@@ -167,19 +166,6 @@ def test_the_fixture_builds_through_the_api(api: TestClient) -> None:
 # -- in a VM -----------------------------------------------------------------------------------
 
 
-def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    logs = ""
-    while time.monotonic() < deadline:
-        logs = client.instances.logs(instance)
-        if text in logs:
-            return logs
-        if "unik: exit status" in logs or "unik: killed by signal" in logs:
-            break
-        time.sleep(0.3)
-    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
-
-
 @needs_go
 @pytest.mark.vm
 @requires_vm
@@ -198,7 +184,7 @@ def test_the_gopath_fixture_answers_in_a_vm(client: UnikClient, daemon: Daemon, 
         mounts={"/data": "gopath-data"},
         ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
     )
-    logs = _wait_for_line(client, "gopath-1", "listening on", BOOT_TIMEOUT)
+    logs = wait_for_log(client, "gopath-1", "listening on", BOOT_TIMEOUT)
     assert "hello from go-gopath (vendored greeting)" in logs
     base = f"http://127.0.0.1:{port}"
     ping = httpx.get(f"{base}/ping_test", timeout=30)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, free_port, requires_vm, tar_gz
+from tests.conftest import Daemon, free_port, requires_vm, tar_gz, wait_for_log
 from unik.client import UnikClient
 from unik.compilers import CompilerRegistry
 from unik.compilers.linux_python import prefix_folders
@@ -113,19 +112,6 @@ def test_a_pip_prefix_project_packs_its_packages_and_their_stdlib(
 BOOT_TIMEOUT = 90.0  # CPython to "listening" under TCG on a busy 2-core host
 
 
-def _wait_for_line(client: UnikClient, instance: str, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    logs = ""
-    while time.monotonic() < deadline:
-        logs = client.instances.logs(instance)
-        if text in logs:
-            return logs
-        if "unik: exit status" in logs or "unik: killed by signal" in logs:
-            break
-        time.sleep(0.3)
-    raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
-
-
 @pytest.mark.vm
 @requires_vm
 def test_a_pip_prefix_project_answers_in_a_vm(client: UnikClient, daemon: Daemon, tmp_path: Path) -> None:
@@ -144,7 +130,7 @@ def test_a_pip_prefix_project_answers_in_a_vm(client: UnikClient, daemon: Daemon
         ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
         mounts={"/data": "prefix-data"},
     )
-    logs = _wait_for_line(client, "prefix-1", "listening on", BOOT_TIMEOUT)
+    logs = wait_for_log(client, "prefix-1", "listening on", BOOT_TIMEOUT)
     assert "started as /unik/app/main.py" in logs  # pongkit's shlex, in the guest
     base = f"http://127.0.0.1:{port}"
     ping = httpx.get(f"{base}/ping_test", timeout=30)

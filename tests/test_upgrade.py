@@ -8,12 +8,11 @@ import json
 import shutil
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, free_port, requires_vm
+from tests.conftest import Daemon, free_port, requires_vm, wait_for_log
 from unik.client import UnikClient
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
@@ -98,10 +97,7 @@ def test_a_v0_data_dir_keeps_working_after_the_upgrade(data_dir: Path) -> None:
 
             client.instances.start("hello-1")
             assert client.instances.get("hello-1").State == "running"
-            deadline = time.monotonic() + BOOT_WAIT
-            while "tick 1" not in client.instances.logs("hello-1") and time.monotonic() < deadline:
-                time.sleep(0.5)
-            logs = client.instances.logs("hello-1")
+            logs = wait_for_log(client, "hello-1", "tick 1", BOOT_WAIT)
             assert "hello from unik: from v0" in logs
             assert "arg 1: a" in logs and "arg 2: b" in logs  # the image's default args, kept from v0
             client.instances.stop("hello-1")

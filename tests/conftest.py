@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -103,6 +104,36 @@ def wait_for_log(client: UnikClient, instance: str, text: str, timeout: float) -
             break
         time.sleep(0.3)
     raise AssertionError(f"{instance} did not print {text!r} within {timeout:.0f} s; console:\n{logs[-4000:]}")
+
+
+def serve_probe_routes(client: UnikClient, image: str, tmp_path: Path, timeout: float) -> str:
+    """Run `image` (built with the mount point /data) with env KEY, a volume holding data.txt at
+    /data and its port 8080 published on loopback; once it listens, check that /ping_test,
+    /env_test and /mount_test answer as the examples' servers do. Returns the console as it was
+    then; the instance is deleted, the volume stays."""
+    data = tmp_path / f"{image}-volume"
+    data.mkdir()
+    (data / "data.txt").write_text(f"data for {image}\n")
+    client.volumes.create(f"{image}-data", data=data)
+    port = free_port()
+    instance = f"{image}-1"
+    client.instances.run(
+        instance,
+        image,
+        env={"KEY": f"value for {image}"},
+        mounts={"/data": f"{image}-data"},
+        ports=[{"HostPort": port, "GuestPort": 8080}],
+    )
+    logs = wait_for_log(client, instance, "listening on", timeout)
+    base = f"http://127.0.0.1:{port}"
+    ping = httpx.get(f"{base}/ping_test", timeout=30)
+    assert ping.status_code == 200 and ping.json() == {"message": "pong"}
+    env = httpx.get(f"{base}/env_test", timeout=30)
+    assert env.status_code == 200 and env.text == f"value for {image}"
+    mount = httpx.get(f"{base}/mount_test", timeout=30)
+    assert mount.status_code == 200 and mount.text == f"data for {image}\n"
+    client.instances.delete(instance, force=True)
+    return logs
 
 
 def services_of(api: TestClient) -> Services:

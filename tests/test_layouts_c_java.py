@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import EXAMPLES, Daemon, free_port, requires_vm, tar_gz, wait_for_log
+from tests.conftest import EXAMPLES, Daemon, requires_vm, serve_probe_routes, tar_gz
 from unik.client import UnikClient
 from unik.compilers import AppBundle, BuildSettings, CompilerRegistry, elf
 from unik.compilers.base import sandbox_available
@@ -323,28 +323,8 @@ def test_the_layout_serves_its_routes_in_a_vm(
     started = time.monotonic()
     client.images.build(fixture, layout(fixture, tmp_path), "linux", lang, "qemu", mounts=["/data"])
     print(f"{fixture}: built in {time.monotonic() - started:.1f} s")
-    data = tmp_path / "volume"
-    data.mkdir()
-    (data / "data.txt").write_text(f"data for {fixture}\n")
-    client.volumes.create(f"{fixture}-data", data=data)
-    port = free_port()
     started = time.monotonic()
-    client.instances.run(
-        f"{fixture}-1",
-        fixture,
-        env={"KEY": f"value for {fixture}"},
-        mounts={"/data": f"{fixture}-data"},
-        ports=[{"HostPort": port, "GuestPort": 8080}],
-    )
-    logs = wait_for_log(client, f"{fixture}-1", "listening on", BOOT_TIMEOUT[lang])
-    print(f"{fixture}: listening {time.monotonic() - started:.1f} s after run")
+    logs = serve_probe_routes(client, fixture, tmp_path, BOOT_TIMEOUT[lang])
+    print(f"{fixture}: served {time.monotonic() - started:.1f} s after run")
     if lang == "java":
         assert "as java-build-command" in logs  # runtime_args reached the JVM
-    base = f"http://127.0.0.1:{port}"
-    ping = httpx.get(f"{base}/ping_test", timeout=30)
-    assert ping.status_code == 200 and ping.json() == {"message": "pong"}
-    env = httpx.get(f"{base}/env_test", timeout=30)
-    assert env.status_code == 200 and env.text == f"value for {fixture}"
-    mount = httpx.get(f"{base}/mount_test", timeout=30)
-    assert mount.status_code == 200 and mount.text == f"data for {fixture}\n"
-    client.instances.delete(f"{fixture}-1", force=True)

@@ -9,11 +9,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, free_port, requires_vm, wait_for_log
+from tests.conftest import Daemon, requires_vm, serve_probe_routes
 from unik.client import UnikClient
 from unik.compilers import AppBundle, BuildSettings, elf
 from unik.compilers.linux_go import DEFAULT_IMPORT_PATH, LinuxGoCompiler, find_import_path
@@ -172,25 +171,5 @@ def test_the_fixture_builds_through_the_api(api: TestClient) -> None:
 def test_the_gopath_fixture_answers_in_a_vm(client: UnikClient, daemon: Daemon, tmp_path: Path) -> None:
     image = client.images.build("gopath", FIXTURE, "linux", "go", "qemu", mounts=["/data"])
     assert image.RunSpec.Compiler == "linux-go-qemu"
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "data.txt").write_text("from the gopath volume\n")
-    client.volumes.create("gopath-data", data=data)
-    port = free_port()
-    client.instances.run(
-        "gopath-1",
-        "gopath",
-        env={"KEY": "value for gopath"},
-        mounts={"/data": "gopath-data"},
-        ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
-    )
-    logs = wait_for_log(client, "gopath-1", "listening on", BOOT_TIMEOUT)
+    logs = serve_probe_routes(client, "gopath", tmp_path, BOOT_TIMEOUT)
     assert "hello from go-gopath (vendored greeting)" in logs
-    base = f"http://127.0.0.1:{port}"
-    ping = httpx.get(f"{base}/ping_test", timeout=30)
-    assert ping.status_code == 200 and ping.json() == {"message": "pong"}
-    env = httpx.get(f"{base}/env_test", timeout=30)
-    assert env.status_code == 200 and env.text == "value for gopath"
-    mounted = httpx.get(f"{base}/mount_test", timeout=30)
-    assert mounted.status_code == 200 and mounted.text == "from the gopath volume\n"
-    client.instances.delete("gopath-1", force=True)

@@ -7,11 +7,10 @@ import stat
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Daemon, free_port, requires_vm, tar_gz, wait_for_log
+from tests.conftest import Daemon, requires_vm, serve_probe_routes, tar_gz
 from unik.client import UnikClient
 from unik.compilers import CompilerRegistry
 from unik.compilers.linux_python import prefix_folders
@@ -117,26 +116,6 @@ BOOT_TIMEOUT = 90.0  # CPython to "listening" under TCG on a busy 2-core host
 def test_a_pip_prefix_project_answers_in_a_vm(client: UnikClient, daemon: Daemon, tmp_path: Path) -> None:
     if "linux-python-qemu" not in CompilerRegistry(["qemu"]).available():
         pytest.skip("no python toolchain on this host")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "data.txt").write_text("from the prefix volume\n")
-    client.volumes.create("prefix-data", data=data)
     client.images.build("python-prefix", PREFIX, "linux", "python", "qemu", mounts=["/data"])
-    port = free_port()
-    client.instances.run(
-        "prefix-1",
-        "python-prefix",
-        env={"KEY": "value for prefix"},
-        ports=[{"HostPort": port, "GuestPort": 8080, "Protocol": "tcp"}],
-        mounts={"/data": "prefix-data"},
-    )
-    logs = wait_for_log(client, "prefix-1", "listening on", BOOT_TIMEOUT)
+    logs = serve_probe_routes(client, "python-prefix", tmp_path, BOOT_TIMEOUT)
     assert "started as /unik/app/main.py" in logs  # pongkit's shlex, in the guest
-    base = f"http://127.0.0.1:{port}"
-    ping = httpx.get(f"{base}/ping_test", timeout=30)
-    assert ping.status_code == 200 and ping.json() == {"message": "pong"}
-    env = httpx.get(f"{base}/env_test", timeout=30)
-    assert env.status_code == 200 and env.text == "value for prefix"
-    mount = httpx.get(f"{base}/mount_test", timeout=30)
-    assert mount.status_code == 200 and mount.text == "from the prefix volume\n"
-    client.instances.delete("prefix-1", force=True)

@@ -86,11 +86,13 @@ class DiskService:
         # making it is most of an export, converting it is what qemu-img alone costs.
         raw = self._disk_path(image, "raw", run_config, kernel)
         # One export of a disk at a time: the second waits and finds the first one's disk.
+        made = False
         async with self._lock(raw):
             if raw.is_file():
                 raw.touch()  # in use: the oldest go first when the cache is full
             else:
                 await asyncio.to_thread(self._make_raw, image, run_config, kernel, raw)
+                made = True
         target = raw
         if fmt != "raw":
             target = self._disk_path(image, fmt, run_config, kernel)
@@ -98,7 +100,9 @@ class DiskService:
                 if not target.is_file():
                     await asyncio.to_thread(convert_disk, raw, fmt, target)
                     log.info("exported image %s as %s (%d MB)", image.name, fmt, target.stat().st_size >> 20)
-        await asyncio.to_thread(self._evict, keep={raw, target})
+                    made = True
+        if made:  # only a new disk can take the cache over its bound
+            await asyncio.to_thread(self._evict, keep={raw, target})
         return ExportedDisk(target, f"{image.name}.{EXTENSIONS.get(fmt, fmt)}")
 
     def _lock(self, disk: Path) -> asyncio.Lock:

@@ -7,10 +7,11 @@ PORT ?= 3000
 DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap bc bison flex libelf-dev libssl-dev xz-utils fdisk syslinux syslinux-common systemd-boot-efi ovmf
 PYTEST_ARGS ?=
 
-.PHONY: setup packages venv kernel kernel-micro run test lint bench clean
+.PHONY: setup packages venv kernel kernel-micro kernel-disk run test lint bench clean
 
-# kernel-micro is the provider's default kernel; the cloud kernel stays for `kernel: cloud`.
-setup: packages venv kernel kernel-micro
+# kernel-micro is the provider's default kernel; the cloud kernel stays for `kernel: cloud`;
+# kernel-disk is what exported bootable disks boot.
+setup: packages venv kernel kernel-micro kernel-disk
 
 # Idempotent: apt runs only when a package is missing.
 packages:
@@ -38,6 +39,11 @@ kernel: venv
 # or the source package changes.
 kernel-micro: packages venv
 	$(VENV)/bin/python -m unik.kernel build-micro
+
+# The same kernel with the EFI stub and the drivers of common virtual hardware
+# (src/unik/guest/unik-disk.config on top): what exported disks boot (~9 min once).
+kernel-disk: kernel-micro
+	$(VENV)/bin/python -m unik.kernel build-disk
 
 run: setup
 	$(VENV)/bin/unik daemon --host $(HOST) --port $(PORT)

@@ -72,17 +72,27 @@ def test_build_micro_returns_the_cached_kernel_without_building(
 ) -> None:
     monkeypatch.setattr(kernel_mod, "_source_version", lambda: "6.1.192-3")
     _fake_micro(tmp_path, "6.1.192-unik-micro-abcdef12")
-    (tmp_path / "6.1.192-unik-micro-abcdef12" / "build-key").write_text(kernel_mod._micro_key("6.1.192-3") + "\n")
+    key = kernel_mod._build_key("6.1.192-3", kernel_mod.MICRO_BUILD)
+    (tmp_path / "6.1.192-unik-micro-abcdef12" / "build-key").write_text(key + "\n")
 
     def no_build(*args: object) -> Kernel:
         raise AssertionError("a cached micro kernel must not be rebuilt")
 
-    monkeypatch.setattr(kernel_mod, "_build_micro_locked", no_build)
+    monkeypatch.setattr(kernel_mod, "_build_locked", no_build)
     assert kernel_mod.build_micro(tmp_path).version == "6.1.192-unik-micro-abcdef12"
 
 
-def test_the_build_key_follows_the_source_version() -> None:
-    assert kernel_mod._micro_key("6.1.192-3") != kernel_mod._micro_key("6.1.193-1")
+def test_the_build_key_follows_the_source_version_and_the_fragments() -> None:
+    key = kernel_mod._build_key
+    assert key("6.1.192-3", kernel_mod.MICRO_BUILD) != key("6.1.193-1", kernel_mod.MICRO_BUILD)
+    assert key("6.1.192-3", kernel_mod.MICRO_BUILD) != key("6.1.192-3", kernel_mod.DISK_BUILD)
+
+
+def test_the_disk_kernel_keeps_every_micro_option_it_does_not_override() -> None:
+    micro = fragment_options(kernel_mod.MICRO_CONFIG.read_text())
+    disk = fragment_options(kernel_mod.DISK_CONFIG.read_text())
+    assert kernel_mod.DISK_BUILD.fragments == (kernel_mod.MICRO_CONFIG, kernel_mod.DISK_CONFIG)
+    assert disk["CONFIG_EFI_STUB"] == "y" and not set(disk) & set(micro)
 
 
 def test_builds_in_reads_the_kernels_config(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`python -m unik.kernel {fetch|build-micro} [DIR]`: get the cloud kernel or build the micro one."""
+"""`python -m unik.kernel {fetch|build-micro|build-disk} [DIR]`: get the cloud kernel or build ours."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from pathlib import Path
 
 from unik.kernel.cloud import fetch
 from unik.kernel.layout import default_kernel_root
-from unik.kernel.micro import build_micro
+from unik.kernel.micro import BUILDS, build_micro
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ("fetch", "build-micro") or len(args) > 2:
-        print("usage: python -m unik.kernel {fetch|build-micro} [DIR]", file=sys.stderr)
+    builds = {f"build-{flavour}": build for flavour, build in BUILDS.items()}
+    if not args or args[0] not in ("fetch", *builds) or len(args) > 2:
+        print(f"usage: python -m unik.kernel {{{'|'.join(('fetch', *builds))}}} [DIR]", file=sys.stderr)
         return 2
     root = Path(args[1]) if len(args) == 2 else default_kernel_root()
     try:
-        kernel = fetch(root) if args[0] == "fetch" else build_micro(root)
+        kernel = fetch(root) if args[0] == "fetch" else build_micro(root, build=builds[args[0]])
     except (RuntimeError, ValueError) as e:
         print(f"unik.kernel: {e}", file=sys.stderr)
         return 1

@@ -15,8 +15,10 @@ The micro kernel sits beside the cloud kernel in the same root::
     VERSION/{vmlinuz,vmlinux,config}   as above; VERSION is <release>-<build key>
     VERSION/build-key                  hash of the source package version and the fragment
     VERSION/lib/modules/VERSION/       modules.builtin (every driver) and an empty modules.dep
-    .micro-build/                      the unpacked source and the object tree, kept so that a
-                                       changed fragment rebuilds only what it changes
+    disk -> VERSION                    the same for the disk kernel (micro + unik-disk.config)
+    .micro-build/                      the unpacked source and one object tree per build (out/,
+                                       out-disk/), kept so that a changed fragment rebuilds only
+                                       what it changes
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from pathlib import Path
 
 CURRENT = "current"
 MICRO = "micro"
+DISK = "disk"
 # The name in a provider config (QemuProviderConfig.kernel) -> the symlink in the kernel root.
-FLAVOURS: dict[str, str] = {"cloud": CURRENT, "micro": MICRO}
+FLAVOURS: dict[str, str] = {"cloud": CURRENT, "micro": MICRO, "disk": DISK}
 _SETUP_HINT = {
     CURRENT: "run `make setup` (or `python -m unik.kernel fetch {root}`)",
     MICRO: "run `make kernel-micro` (or `python -m unik.kernel build-micro {root}`)",
+    DISK: "run `make kernel-disk` (or `python -m unik.kernel build-disk {root}`)",
 }
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")

@@ -1,7 +1,9 @@
-"""The project's micro kernel, built once from Debian's linux-source (``build_micro``).
+"""The project's own kernels, built once from Debian's linux-source (``build_micro``).
 
-It is ``make tinyconfig`` with ``guest/unik-micro.config`` on top: everything built in, no
-modules. The result is cached by a build key (see ``layout`` for where it lands).
+Each is ``make tinyconfig`` with config fragments on top: everything built in, no modules.
+"micro" (``guest/unik-micro.config``) is what the QEMU provider boots; "disk" adds
+``guest/unik-disk.config`` (the EFI stub, SATA/NVMe/SCSI disks, e1000/vmxnet3/ENA NICs, Hyper-V)
+for bootable disks. A result is cached by a build key (see ``layout`` for where it lands).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from unik.kernel.apt import _apt_cache, _run
 from unik.kernel.boot import extract_vmlinux
-from unik.kernel.layout import MICRO, Kernel, _install, _locked, _point, fragment_options, load
+from unik.kernel.layout import DISK, MICRO, Kernel, _install, _locked, _point, fragment_options, load
 
 MICRO_SOURCE_PACKAGE = "linux-source-6.1"
 MICRO_CONFIG = Path(__file__).resolve().parent.parent / "guest" / "unik-micro.config"
+DISK_CONFIG = MICRO_CONFIG.with_name("unik-disk.config")
 MICRO_LOCALVERSION = "-unik-micro"
 # Part of the build key: bump it when build_micro changes what it produces from the same inputs.
 _MICRO_RECIPE = "1"
@@ -27,25 +31,40 @@ _MICRO_RECIPE = "1"
 _MICRO_TOOLS = ("make", "gcc", "bc", "bison", "flex", "xz", "perl", "apt-get", "dpkg-deb")
 
 
-def build_micro(kernel_root: Path, *, log: Path | None = None) -> Kernel:
-    """Build (once) the micro kernel under ``kernel_root`` and return it (idempotent).
+@dataclass(frozen=True)
+class Build:
+    """One kernel built from the source: its flavour (the symlink), fragments and object tree."""
 
-    The result is cached by a key over the source package version, the config fragment and the
+    flavour: str
+    fragments: tuple[Path, ...]
+    localversion: str
+    out: str
+
+
+MICRO_BUILD = Build(MICRO, (MICRO_CONFIG,), MICRO_LOCALVERSION, "out")
+DISK_BUILD = Build(DISK, (MICRO_CONFIG, DISK_CONFIG), "-unik-disk", "out-disk")
+BUILDS = {b.flavour: b for b in (MICRO_BUILD, DISK_BUILD)}
+
+
+def build_micro(kernel_root: Path, *, log: Path | None = None, build: Build = MICRO_BUILD) -> Kernel:
+    """Build (once) the kernel ``build`` under ``kernel_root`` and return it (idempotent).
+
+    The result is cached by a key over the source package version, the config fragments and the
     recipe: the same inputs return the kernel already there, in milliseconds.
     """
     kernel_root = Path(kernel_root)
     version = _source_version()
-    key = _micro_key(version)
+    key = _build_key(version, build)
     with contextlib.suppress(FileNotFoundError):
-        kernel = load(kernel_root, "micro")
+        kernel = load(kernel_root, build.flavour)
         if _read(kernel.root / "build-key") == key:
             return kernel
     with _locked(kernel_root):
         with contextlib.suppress(FileNotFoundError):
-            kernel = load(kernel_root, "micro")
+            kernel = load(kernel_root, build.flavour)
             if _read(kernel.root / "build-key") == key:
                 return kernel
-        return _build_micro_locked(kernel_root, version, key, log)
+        return _build_locked(kernel_root, version, key, log, build)
 
 
 def _read(path: Path) -> str | None:
@@ -55,10 +74,11 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _micro_key(source_version: str) -> str:
+def _build_key(source_version: str, build: Build) -> str:
     digest = hashlib.sha256()
     digest.update(f"recipe {_MICRO_RECIPE}\n{MICRO_SOURCE_PACKAGE} {source_version}\n".encode())
-    digest.update(MICRO_CONFIG.read_bytes())
+    for fragment in build.fragments:
+        digest.update(fragment.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -71,7 +91,7 @@ def _source_version() -> str:
     )
 
 
-def _check_config(fragment: str, final: str) -> None:
+def _check_config(fragment: str, final: str, names: str = MICRO_CONFIG.name) -> None:
     """Fail loudly when Kconfig dropped or changed any option the fragment asks for."""
     built = fragment_options(final)
     wrong = [
@@ -81,39 +101,39 @@ def _check_config(fragment: str, final: str) -> None:
     ]
     if wrong:
         raise RuntimeError(
-            f"the micro kernel config lost options of {MICRO_CONFIG.name} (a missing dependency?):\n  "
+            f"the kernel config lost options of {names} (a missing dependency?):\n  "
             + "\n  ".join(wrong)
         )
 
 
-def _build_micro_locked(kernel_root: Path, source_version: str, key: str, log: Path | None) -> Kernel:
+def _build_locked(kernel_root: Path, source_version: str, key: str, log: Path | None, build: Build) -> Kernel:
     missing = [tool for tool in _MICRO_TOOLS if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"building the micro kernel needs {', '.join(missing)}: run `make packages`")
     work = kernel_root / ".micro-build"
     work.mkdir(parents=True, exist_ok=True)
     src = _unpack_source(work, source_version)
-    out = work / "out"
+    out = work / build.out
     out.mkdir(exist_ok=True)
-    log = log or work / "build.log"
+    log = log or work / f"build-{build.flavour}.log"
     log.write_text("")  # the log of this build only
     make = ["make", "-C", str(src), f"O={out}"]
 
-    # tinyconfig first, then the fragment on top; olddefconfig settles what depends on both.
+    # tinyconfig first, then the fragments on top; olddefconfig settles what depends on them.
     _logged([*make, "tinyconfig"], log)
     _logged([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(out), str(out / ".config"),
-             str(MICRO_CONFIG)], log, cwd=src)  # fmt: skip
+             *map(str, build.fragments)], log, cwd=src)  # fmt: skip
     _logged([str(src / "scripts/config"), "--file", str(out / ".config"),
-             "--set-str", "LOCALVERSION", MICRO_LOCALVERSION, "--disable", "LOCALVERSION_AUTO"], log)  # fmt: skip
+             "--set-str", "LOCALVERSION", build.localversion, "--disable", "LOCALVERSION_AUTO"], log)  # fmt: skip
     _logged([*make, "olddefconfig"], log)
-    fragment = MICRO_CONFIG.read_text()
-    _check_config(fragment, (out / ".config").read_text())
+    fragments = "\n".join(f.read_text() for f in build.fragments)
+    _check_config(fragments, (out / ".config").read_text(), " + ".join(f.name for f in build.fragments))
 
     _logged([*make, f"-j{os.cpu_count() or 1}", "vmlinux", "bzImage"], log)
     release = _run([*make, "-s", "kernelrelease"]).strip()
     version = f"{release}-{key[:8]}"
 
-    with tempfile.TemporaryDirectory(prefix=".micro-", dir=kernel_root) as tmp_s:
+    with tempfile.TemporaryDirectory(prefix=f".{build.flavour}-", dir=kernel_root) as tmp_s:
         stage = Path(tmp_s) / version
         modules = stage / "lib" / "modules" / version
         modules.mkdir(parents=True)
@@ -128,8 +148,8 @@ def _build_micro_locked(kernel_root: Path, source_version: str, key: str, log: P
         (modules / "modules.dep").write_text("")
         (stage / "build-key").write_text(key + "\n")
         _install(stage, kernel_root / version)
-    _point(kernel_root, MICRO, version)
-    return load(kernel_root, "micro")
+    _point(kernel_root, build.flavour, version)
+    return load(kernel_root, build.flavour)
 
 
 def _unpack_source(work: Path, source_version: str) -> Path:
@@ -138,7 +158,7 @@ def _unpack_source(work: Path, source_version: str) -> Path:
     stamp = work / "source-version"
     if src.is_dir() and _read(stamp) == source_version:
         return src
-    for stale in (src, work / "out"):
+    for stale in (src, *(work / b.out for b in BUILDS.values())):
         shutil.rmtree(stale, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix=".source-", dir=work) as tmp_s:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import micro_kernel_reads_fw_cfg
 from unik.guest import (
+    DHCP,
     EXIT_LINE,
     FW_CFG_RUN_ARCHIVE,
     CpioWriter,
@@ -448,6 +449,21 @@ def _boot_app_print(tmp: Path, kernel: Kernel, modules: list[str], *, fw_cfg: bo
 @pytest.mark.vm
 def test_boot_runs_app_and_reports_exit_status(vm_kernel: Kernel, short_tmp: Path) -> None:
     _boot_app_print(short_tmp, vm_kernel, ["virtio_blk", "virtio_net", "virtio_pci", "virtio_console"])
+
+
+@pytest.mark.vm
+def test_dhcp_gives_the_nic_its_address_route_and_dns(vm_kernel: Kernel, short_tmp: Path) -> None:
+    """address=dhcp (exported disks): slirp's DHCP server leases 10.0.2.15 via 10.0.2.2, DNS 10.0.2.3."""
+    initrd = _build_image(short_tmp, vm_kernel, APP_PRINT, modules=["virtio_pci", "virtio_net"])
+    proc, log = _boot(short_tmp, vm_kernel, initrd, run_config_cpio(env={}, net=DHCP))
+    try:
+        _wait_exit(proc, time.monotonic() + BOOT_DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = _console_lines(log)
+    assert "unik: eth0 has 10.0.2.15/24 via 10.0.2.2 by DHCP (lease 86400 s)" in lines, lines
+    assert "resolv=nameserver 10.0.2.3" in lines, lines
 
 
 @pytest.mark.vm

@@ -26,7 +26,8 @@ Guest protocol (read by init.c, PID 1)::
     /unik/run/hostname      one line
     /unik/run/stop_timeout  integer seconds between SIGTERM and SIGKILL on a graceful stop
     /unik/run/net           the network interface's setup, "key=value" lines: address=A.B.C.D/N,
-                            gateway=A.B.C.D, dns=A.B.C.D; absent: loopback only
+                            gateway=A.B.C.D, dns=A.B.C.D; or address=dhcp alone (the address,
+                            route, DNS and MTU from the network's DHCP server); absent: loopback only
     /etc/resolv.conf        "nameserver DNS" when the network has a dns
     /unik/run/mounts        volumes to mount before the app starts: "SERIAL MOUNTPOINT FSTYPE" lines
                             (SERIAL is the virtio-blk serial; FSTYPE ext2/ext4/vfat, or auto)
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "DHCP",
     "EXIT_LINE",
     "FW_CFG_RUN_ARCHIVE",
     "CpioWriter",
@@ -278,11 +280,14 @@ def _add_modules(w: CpioWriter, modules: list[Path]) -> None:
         w.add_file(f"lib/modules/{module.name}", Path(module), 0o644)
 
 
-def modules_cpio(modules: list[Path]) -> bytes:
+def modules_cpio(modules: list[Path], *, init_binary: Path | None = None) -> bytes:
     """An archive that, concatenated after an image's initrd, replaces the modules it loads
-    (`/unik/modules`): a later member of the same name overwrites an earlier one."""
+    (`/unik/modules`) and, given ``init_binary``, init itself: a later member of the same name
+    overwrites an earlier one."""
     buf = io.BytesIO()
     w = CpioWriter(buf)
+    if init_binary is not None:
+        w.add_file("init", init_binary, 0o755)
     w.add_dir("unik", 0o755)
     w.add_dir("lib", 0o755)
     w.add_dir("lib/modules", 0o755)
@@ -334,10 +339,14 @@ def run_config_cpio(
 
 
 NET_KEYS = ("address", "gateway", "dns")
+# The network config of a boot that asks the network's DHCP server.
+DHCP: dict[str, str] = {"address": "dhcp"}
 
 
 def _net_lines(net: dict[str, str]) -> bytes:
     """``/unik/run/net``: checked here so init.c can trust every line it parses."""
+    if net == DHCP:
+        return b"address=dhcp\n"
     unknown = set(net) - set(NET_KEYS)
     if unknown or "address" not in net:
         raise ValueError(f"network config needs 'address' and only {NET_KEYS}: got {sorted(net)}")

@@ -11,7 +11,8 @@
  *   /unik/run/hostname     per-boot hostname, one line
  *   /unik/run/stop_timeout seconds between SIGTERM and SIGKILL on a graceful stop (default 5)
  *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=... lines (and dns=,
- *                          read only by older images' inits: /etc/resolv.conf is in the archive)
+ *                          read only by older images' inits: /etc/resolv.conf is in the archive),
+ *                          or address=dhcp: ask the network's DHCP server (bootable disks)
  *
  * Console protocol: when the app is gone, init prints exactly one of
  *
@@ -38,8 +39,10 @@
 #include <net/route.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stdint.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -597,38 +600,16 @@ static int find_nic(int sock, char *name, size_t len)
 	}
 }
 
-static void configure_nic(int sock, const char *conf)
+/* Address, netmask and default route of nic; a gateway outside the subnet (GCE leases a /32)
+ * first gets a host route on the link. */
+static void apply_address(int sock, const char *nic, in_addr_t ip, in_addr_t mask, in_addr_t gw)
 {
-	char address[32] = "", gateway[32] = "";
-	for (const char *line = conf; *line;) {
-		size_t n = strcspn(line, "\n");
-		/* The host validated these lines; anything else is a newer host's key: ignored. */
-		sscanf(line, "address=%31[^\n]", address);
-		sscanf(line, "gateway=%31[^\n]", gateway);
-		line += n + (line[n] == '\n');
-	}
-	char *slash = strchr(address, '/');
-	int prefix = slash ? atoi(slash + 1) : -1;
-	if (slash)
-		*slash = '\0';
-	struct in_addr ip, gw;
-	if (inet_pton(AF_INET, address, &ip) != 1 || prefix < 0 || prefix > 32) {
-		say("unik: bad network address in /unik/run/net\n");
-		return;
-	}
-	char nic[IFNAMSIZ];
-	if (find_nic(sock, nic, sizeof nic) < 0) {
-		say("unik: no network interface appeared within %d ms\n", NET_WAIT_MS);
-		return;
-	}
 	struct ifreq ifr;
 	memset(&ifr, 0, sizeof ifr);
 	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
-	inet_sockaddr(&ifr.ifr_addr, ip.s_addr);
+	inet_sockaddr(&ifr.ifr_addr, ip);
 	if (ioctl(sock, SIOCSIFADDR, &ifr) < 0)
 		say("unik: cannot set the address of %s: %s\n", nic, strerror(errno));
-	/* A shift by 32 is undefined in C: /0 is spelled out. */
-	in_addr_t mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
 	inet_sockaddr(&ifr.ifr_netmask, mask);
 	if (ioctl(sock, SIOCSIFNETMASK, &ifr) < 0)
 		say("unik: cannot set the netmask of %s: %s\n", nic, strerror(errno));
@@ -641,16 +622,268 @@ static void configure_nic(int sock, const char *conf)
 	}
 	if (interface_up(sock, nic) < 0)
 		say("unik: cannot bring up %s: %s\n", nic, strerror(errno));
-	if (*gateway && inet_pton(AF_INET, gateway, &gw) == 1) {
-		struct rtentry rt;
+	if (gw == INADDR_ANY)
+		return;
+	struct rtentry rt;
+	if ((gw & mask) != (ip & mask)) {
 		memset(&rt, 0, sizeof rt);
-		inet_sockaddr(&rt.rt_dst, INADDR_ANY);
-		inet_sockaddr(&rt.rt_genmask, INADDR_ANY);
-		inet_sockaddr(&rt.rt_gateway, gw.s_addr);
-		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		inet_sockaddr(&rt.rt_dst, gw);
+		inet_sockaddr(&rt.rt_genmask, INADDR_NONE);
+		rt.rt_flags = RTF_UP | RTF_HOST;
+		rt.rt_dev = (char *)nic;
 		if (ioctl(sock, SIOCADDRT, &rt) < 0 && errno != EEXIST)
-			say("unik: cannot add the default route via %s: %s\n", gateway, strerror(errno));
+			say("unik: cannot reach the gateway on %s: %s\n", nic, strerror(errno));
 	}
+	memset(&rt, 0, sizeof rt);
+	inet_sockaddr(&rt.rt_dst, INADDR_ANY);
+	inet_sockaddr(&rt.rt_genmask, INADDR_ANY);
+	inet_sockaddr(&rt.rt_gateway, gw);
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	if (ioctl(sock, SIOCADDRT, &rt) < 0 && errno != EEXIST) {
+		char text[INET_ADDRSTRLEN];
+		inet_ntop(AF_INET, &gw, text, sizeof text);
+		say("unik: cannot add the default route via %s: %s\n", text, strerror(errno));
+	}
+}
+
+/*
+ * DHCP (RFC 2131) for disks booted elsewhere: DISCOVER, OFFER, REQUEST, ACK over a UDP socket
+ * bound to the NIC (the kernel sends from 0.0.0.0 and takes broadcast replies before the link
+ * has an address). The lease is not renewed: the address stays configured for the VM's life.
+ */
+#define DHCP_WAIT_MS 10000
+#define DHCP_MAGIC 0x63825363u
+enum { DHCP_DISCOVER = 1, DHCP_OFFER = 2, DHCP_REQUEST = 3, DHCP_ACK = 5, DHCP_NAK = 6 };
+
+struct dhcp_message {
+	uint8_t op, htype, hlen, hops;
+	uint32_t xid;
+	uint16_t secs, flags;
+	uint32_t ciaddr, yiaddr, siaddr, giaddr;
+	uint8_t chaddr[16], sname[64], file[128];
+	uint32_t magic;
+	uint8_t options[312];
+};
+
+struct dhcp_lease {
+	in_addr_t ip, mask, gateway, server, dns[3];
+	uint32_t seconds;
+	int mtu;
+};
+
+/* The options this client reads, from a reply; returns the message type (0: none). */
+static int dhcp_parse(const struct dhcp_message *m, size_t len, struct dhcp_lease *lease)
+{
+	const uint8_t *o = m->options, *end = (const uint8_t *)m + len;
+	int type = 0;
+	while (o < end && *o != 255) {
+		if (*o == 0) {
+			o++;
+			continue;
+		}
+		if (o + 2 > end || o + 2 + o[1] > end)
+			break;
+		uint8_t code = o[0], n = o[1];
+		const uint8_t *v = o + 2;
+		if (code == 53 && n >= 1)
+			type = v[0];
+		else if (code == 1 && n == 4)
+			memcpy(&lease->mask, v, 4);
+		else if (code == 3 && n >= 4)
+			memcpy(&lease->gateway, v, 4);
+		else if (code == 54 && n == 4)
+			memcpy(&lease->server, v, 4);
+		else if (code == 51 && n == 4)
+			lease->seconds = ntohl(*(const uint32_t *)(const void *)v);
+		else if (code == 26 && n == 2)
+			lease->mtu = v[0] << 8 | v[1];
+		else if (code == 6)
+			for (int i = 0; i < 3 && 4 * i + 4 <= n; i++)
+				memcpy(&lease->dns[i], v + 4 * i, 4);
+		o += 2 + n;
+	}
+	lease->ip = m->yiaddr;
+	return type;
+}
+
+static uint8_t *dhcp_option(uint8_t *o, uint8_t code, const void *value, uint8_t n)
+{
+	o[0] = code;
+	o[1] = n;
+	memcpy(o + 2, value, n);
+	return o + 2 + n;
+}
+
+static int dhcp_send(int fd, const uint8_t mac[6], uint32_t xid, int type, const struct dhcp_lease *offer)
+{
+	struct dhcp_message m;
+	memset(&m, 0, sizeof m);
+	m.op = 1; /* BOOTREQUEST */
+	m.htype = 1; /* Ethernet */
+	m.hlen = 6;
+	m.xid = xid;
+	m.flags = htons(0x8000); /* answer by broadcast: unicast cannot reach a link with no address */
+	memcpy(m.chaddr, mac, 6);
+	m.magic = htonl(DHCP_MAGIC);
+	uint8_t t = (uint8_t)type, client_id[7] = { 1 }, wanted[] = { 1, 3, 6, 26, 51, 54 };
+	memcpy(client_id + 1, mac, 6);
+	uint8_t *o = dhcp_option(m.options, 53, &t, 1);
+	o = dhcp_option(o, 61, client_id, sizeof client_id);
+	o = dhcp_option(o, 55, wanted, sizeof wanted);
+	if (type == DHCP_REQUEST) {
+		o = dhcp_option(o, 50, &offer->ip, 4);
+		o = dhcp_option(o, 54, &offer->server, 4);
+	}
+	*o++ = 255;
+	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(67) };
+	to.sin_addr.s_addr = INADDR_BROADCAST;
+	return (int)sendto(fd, &m, (size_t)(o - (uint8_t *)&m), 0, (struct sockaddr *)&to, sizeof to);
+}
+
+/* Send `type`, then wait (resending with back-off) for a reply of `want` to this xid. */
+static int dhcp_exchange(int fd, const uint8_t mac[6], uint32_t xid, int type, int want,
+			 struct dhcp_lease *lease, long long deadline)
+{
+	int resend_ms = 500;
+	while (now_ms() < deadline) {
+		if (dhcp_send(fd, mac, xid, type, lease) < 0)
+			say("unik: cannot send a DHCP request: %s\n", strerror(errno));
+		long long resend_at = now_ms() + resend_ms;
+		resend_ms = resend_ms < 4000 ? resend_ms * 2 : resend_ms;
+		for (long long left; (left = (resend_at < deadline ? resend_at : deadline) - now_ms()) > 0;) {
+			struct pollfd pfd = { fd, POLLIN, 0 };
+			if (poll(&pfd, 1, (int)left) <= 0)
+				continue;
+			struct dhcp_message m;
+			ssize_t n = recv(fd, &m, sizeof m, 0);
+			if (n < (ssize_t)offsetof(struct dhcp_message, options) || m.op != 2 || m.xid != xid ||
+			    m.magic != htonl(DHCP_MAGIC) || memcmp(m.chaddr, mac, 6) != 0)
+				continue;
+			struct dhcp_lease got = *lease;
+			int got_type = dhcp_parse(&m, (size_t)n, &got);
+			if (got_type == DHCP_NAK)
+				return -1;
+			if (got_type == want) {
+				*lease = got;
+				return 0;
+			}
+		}
+	}
+	errno = ETIMEDOUT;
+	return -1;
+}
+
+static void write_resolv_conf(const struct dhcp_lease *lease)
+{
+	char text[128] = "";
+	size_t used = 0;
+	for (int i = 0; i < 3 && lease->dns[i]; i++) {
+		char addr[INET_ADDRSTRLEN];
+		inet_ntop(AF_INET, &lease->dns[i], addr, sizeof addr);
+		used += (size_t)snprintf(text + used, sizeof text - used, "nameserver %s\n", addr);
+	}
+	if (!used)
+		return;
+	mkdir("/etc", 0755);
+	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd >= 0) {
+		(void)!write(fd, text, used);
+		close(fd);
+	}
+}
+
+static void configure_dhcp(int sock, const char *nic)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
+	uint8_t mac[6];
+	if (ioctl(sock, SIOCGIFHWADDR, &ifr) < 0 || interface_up(sock, nic) < 0) {
+		say("unik: cannot bring up %s: %s\n", nic, strerror(errno));
+		return;
+	}
+	memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+	/* What is sent before the link has carrier is lost (e1000 negotiates for ~1-2 s), and the
+	 * next try would come only after the back-off: wait for carrier first. */
+	for (long long until = now_ms() + NET_WAIT_MS; now_ms() < until; usleep(5000))
+		if (ioctl(sock, SIOCGIFFLAGS, &ifr) == 0 && (ifr.ifr_flags & IFF_RUNNING))
+			break;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	int on = 1;
+	struct sockaddr_in me = { .sin_family = AF_INET, .sin_port = htons(68) };
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &on, sizeof on) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, nic, (socklen_t)strlen(nic) + 1) < 0 ||
+	    bind(fd, (struct sockaddr *)&me, sizeof me) < 0) {
+		say("unik: no DHCP socket on %s: %s\n", nic, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	uint32_t xid;
+	memcpy(&xid, mac + 2, 4);
+	xid ^= (uint32_t)now_ms();
+	struct dhcp_lease lease;
+	memset(&lease, 0, sizeof lease);
+	long long deadline = now_ms() + DHCP_WAIT_MS;
+	int ok = dhcp_exchange(fd, mac, xid, DHCP_DISCOVER, DHCP_OFFER, &lease, deadline) == 0 &&
+		 dhcp_exchange(fd, mac, xid, DHCP_REQUEST, DHCP_ACK, &lease, deadline) == 0;
+	close(fd);
+	if (!ok) {
+		say("unik: no DHCP lease on %s within %d ms\n", nic, DHCP_WAIT_MS);
+		return;
+	}
+	if (!lease.mask) /* a server that sends none: the classful default */
+		lease.mask = htonl(IN_CLASSA(ntohl(lease.ip)) ? 0xff000000u :
+				   IN_CLASSB(ntohl(lease.ip)) ? 0xffff0000u : 0xffffff00u);
+	if (lease.mtu >= 576) {
+		ifr.ifr_mtu = lease.mtu;
+		if (ioctl(sock, SIOCSIFMTU, &ifr) < 0)
+			say("unik: cannot set the MTU of %s: %s\n", nic, strerror(errno));
+	}
+	apply_address(sock, nic, lease.ip, lease.mask, lease.gateway);
+	write_resolv_conf(&lease);
+	char ip[INET_ADDRSTRLEN], gw[INET_ADDRSTRLEN];
+	inet_ntop(AF_INET, &lease.ip, ip, sizeof ip);
+	inet_ntop(AF_INET, &lease.gateway, gw, sizeof gw);
+	say("unik: %s has %s/%d via %s by DHCP (lease %u s)\n", nic, ip,
+	    __builtin_popcount(lease.mask), gw, lease.seconds);
+}
+
+static void configure_nic(int sock, const char *conf)
+{
+	char address[32] = "", gateway[32] = "";
+	for (const char *line = conf; *line;) {
+		size_t n = strcspn(line, "\n");
+		/* The host validated these lines; anything else is a newer host's key: ignored. */
+		sscanf(line, "address=%31[^\n]", address);
+		sscanf(line, "gateway=%31[^\n]", gateway);
+		line += n + (line[n] == '\n');
+	}
+	int dhcp = strcmp(address, "dhcp") == 0;
+	char *slash = strchr(address, '/');
+	int prefix = slash ? atoi(slash + 1) : -1;
+	if (slash)
+		*slash = '\0';
+	struct in_addr ip, gw = { INADDR_ANY };
+	if (!dhcp && (inet_pton(AF_INET, address, &ip) != 1 || prefix < 0 || prefix > 32)) {
+		say("unik: bad network address in /unik/run/net\n");
+		return;
+	}
+	char nic[IFNAMSIZ];
+	if (find_nic(sock, nic, sizeof nic) < 0) {
+		say("unik: no network interface appeared within %d ms\n", NET_WAIT_MS);
+		return;
+	}
+	if (dhcp) {
+		configure_dhcp(sock, nic);
+		return;
+	}
+	if (*gateway)
+		inet_pton(AF_INET, gateway, &gw);
+	/* A shift by 32 is undefined in C: /0 is spelled out. */
+	in_addr_t mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
+	apply_address(sock, nic, ip.s_addr, mask, gw.s_addr);
 }
 
 static void setup_network(void)

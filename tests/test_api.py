@@ -74,7 +74,8 @@ def test_build_describe_list_delete(api: TestClient, hello_tgz: bytes, data_dir:
     image = created.json()
     assert image["Name"] == "hello" and image["Infrastructure"] == "QEMU"
     assert image["SizeMb"] > 0 and image["Created"].endswith("Z")
-    assert image["StageSpec"] == {"ImageFormat": "folder"}
+    formats = ["raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"]
+    assert image["StageSpec"] == {"ImageFormat": "folder", "DiskFormats": formats}
     assert image["RunSpec"]["Compiler"] == "linux-c-qemu"
     assert [m["MountPoint"] for m in image["RunSpec"]["DeviceMappings"]] == ["/data", "/logs"]
     assert api.get("/images").json() == [image]

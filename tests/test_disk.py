@@ -17,6 +17,7 @@ from unik.artifacts import disk
 from unik.artifacts.disk import FORMATS, DiskToolError, build_raw_disk, convert_disk, missing_disk_tools
 from unik.guest import CpioWriter
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
+from unik.models import DISK_FORMATS
 
 BOOT_LINE = b"disk: init running"
 BOOT_DEADLINE = 120.0
@@ -54,8 +55,8 @@ def test_unknown_format_raises(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [raw]
 
 
-def test_six_formats() -> None:
-    assert set(FORMATS) == {"raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"}
+def test_six_formats_as_images_announce_them() -> None:
+    assert tuple(FORMATS) == DISK_FORMATS == ("raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi")
     assert FORMATS["vhd"].driver == "vpc"
 
 

@@ -57,6 +57,7 @@ def test_a_v0_store_migrates_to_typed_records(tmp_path: Path) -> None:
     image = store.images.find("hello")
     assert image.meta.args == ["a", "b"] and image.meta.kernel_version == FIXTURE_KERNEL
     assert image.meta.artifact.names == ["kernel", "initrd"]
+    assert image.obj.StageSpec.DiskFormats == ["raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"]  # v2
     instance = store.instances.find("hello-1")
     spec = instance.meta.spec
     assert (spec.image_id, spec.memory_mb, spec.env) == (IMAGE_ID, 96, {"GREETING": "from v0"})

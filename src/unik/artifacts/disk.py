@@ -15,9 +15,10 @@ and is written as a plain file: no loop device, nothing mounted, no root needed.
                                     media path UEFI firmware boots with no boot entry at all
     last 1 MiB        the backup GPT (33 sectors) and alignment
 
-The kernel must be a bzImage with the EFI stub (Debian's cloud kernel has one; the micro kernel
-does not) and is stored twice, as is the initrd: once per firmware. ``convert_disk`` turns the raw
-disk into the formats clouds and desktop hypervisors import (FORMATS), with ``qemu-img convert``.
+The kernel must be a bzImage with the EFI stub (the disk kernel and Debian's cloud kernel have
+one; the micro kernel does not) and is stored twice, as is the initrd: once per firmware.
+``convert_disk`` turns the raw disk into the formats clouds and desktop hypervisors import
+(FORMATS, the wire's DISK_FORMATS), with ``qemu-img convert``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from unik.models.requests import (
     PullImageRequest,
 )
 from unik.models.wire import (
+    DISK_FORMATS,
     NAME_PATTERN,
     DeviceMapping,
     ErrorBody,
@@ -40,7 +41,8 @@ from unik.models.wire import (
 )
 
 __all__ = [
-    "KERNEL_INITRD", "NAME_PATTERN", "Artifact", "ArtifactFile", "AttachVolumeRequest", "BuildImageRequest",
+    "DISK_FORMATS", "KERNEL_INITRD", "NAME_PATTERN", "Artifact", "ArtifactFile", "AttachVolumeRequest",
+    "BuildImageRequest",
     "CreateVolumeRequest", "DeviceMapping", "ErrorBody", "ExportDiskRequest", "HubConfig", "HubImage",
     "HubTransfer", "Image", "ImageFormat", "ImageMeta", "ImageRunSpec", "ImageStageSpec", "Infrastructure",
     "Instance", "InstanceMeta", "InstanceState", "LaunchSpec", "Name", "PortMapping", "PullImageRequest",

@@ -60,13 +60,22 @@ def _drop_empty(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not (k in keys and v == "")}
 
 
+# What GET /images/{name}/disk makes of a kernel+initrd ("folder") image.
+DISK_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi")
+
+
 class ImageStageSpec(BaseModel):
     ImageFormat: str = ImageFormat.folder.value
     XenVirtualizationType: str = ""
+    # Addition: the bootable disk formats the image exports to (omitted when none).
+    DiskFormats: list[str] = Field(default_factory=list)
 
     @model_serializer(mode="wrap")
     def _omit_empty(self, handler: Any) -> dict[str, Any]:
-        return _drop_empty(handler(self), ("XenVirtualizationType",))
+        data = _drop_empty(handler(self), ("XenVirtualizationType",))
+        if not data.get("DiskFormats"):
+            data.pop("DiskFormats", None)
+        return data
 
 
 class DeviceMapping(BaseModel):

@@ -21,6 +21,7 @@ from unik.compilers.toolchain import which
 from unik.config import DaemonConfig
 from unik.errors import BadRequest, NotImplementedByProvider, UnikError
 from unik.models import (
+    DISK_FORMATS,
     KERNEL_INITRD,
     Artifact,
     BuildImageRequest,
@@ -125,7 +126,7 @@ class BuildService:
             SizeMb=max(1, math.ceil(built.size / (1 << 20))),
             Infrastructure=provider.infrastructure,
             Created=now_rfc3339(),
-            StageSpec=ImageStageSpec(ImageFormat="folder"),
+            StageSpec=ImageStageSpec(ImageFormat="folder", DiskFormats=list(DISK_FORMATS)),
             RunSpec=ImageRunSpec(
                 DeviceMappings=[
                     DeviceMapping(MountPoint=m, DeviceName=provider.volume_device(i)) for i, m in enumerate(points)

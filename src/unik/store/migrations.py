@@ -1,7 +1,8 @@
 """The store's schema version (SQLite's user_version) and the steps from each older one.
 
 Version 0 is every data dir written before the version was kept: each table had an untyped
-`internal` JSON column. Version 1 stores typed metadata (models.records) in `meta`. A data dir
+`internal` JSON column. Version 1 stores typed metadata (models.records) in `meta`. Version 2
+names, in each kernel+initrd image's StageSpec, the disk formats it exports to. A data dir
 from a newer daemon is refused rather than misread.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unik.models import ImageMeta, InstanceMeta, LaunchSpec, VolumeMeta
+from unik.models import DISK_FORMATS, KERNEL_INITRD, ImageMeta, InstanceMeta, LaunchSpec, VolumeMeta
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,17 @@ def _to_v1(db: sqlite3.Connection) -> None:
         db.execute(f"DROP TABLE {table}_v0")
 
 
+def _to_v2(db: sqlite3.Connection) -> None:
+    for row in db.execute("SELECT id, wire, meta FROM images").fetchall():
+        if ImageMeta.model_validate_json(row["meta"]).artifact.format != KERNEL_INITRD:
+            continue
+        wire = json.loads(row["wire"])
+        wire.setdefault("StageSpec", {})["DiskFormats"] = list(DISK_FORMATS)
+        db.execute("UPDATE images SET wire = ? WHERE id = ?", (json.dumps(wire), row["id"]))
+
+
 # Index i brings version i to i + 1.
-_STEPS: list[Callable[[sqlite3.Connection], None]] = [_to_v1]
+_STEPS: list[Callable[[sqlite3.Connection], None]] = [_to_v1, _to_v2]
 VERSION = len(_STEPS)
 
 

@@ -1,8 +1,8 @@
 """Disk export: GET /images/{name}/disk per format, beside its floor, for examples/c-http and
 examples/nodejs-http.
 
-Per image and format: the first export (made now: initrd with the cloud kernel's drivers and
-the run config, the GPT disk, the conversion) and the second (answered from the disk kept
+Per image and format: the first export (made now: the initrd with today's init and the run
+config, the GPT disk with the disk kernel, the conversion) and the second (answered from the disk kept
 beside the image), both timed from the request to the last byte of the body; the file's size.
 The floor is `qemu-img convert` of the same raw disk alone, run here without the daemon.
 

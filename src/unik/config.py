@@ -64,6 +64,9 @@ class DaemonConfig(BaseModel):
     # Exported disks (GET /images/{name}/disk) are kept for the next export of the same image,
     # format and run config; beyond this many MB the oldest go.
     disk_cache_mb: int = Field(default=4096, ge=0)
+    # The kernel exported disks boot: "disk", ours with every driver built in (`make
+    # kernel-disk`), or "cloud", Debian's, whose modules lack AHCI and e1000 (VirtualBox).
+    disk_kernel: Literal["disk", "cloud"] = "disk"
     version: str = ""
     # Whether builds may download (go modules, pip's index, npm ci); off, an upload must carry
     # its dependencies (vendor/, wheels/, node_modules/).

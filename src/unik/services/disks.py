@@ -1,11 +1,13 @@
 """Disks: an image exported as a bootable disk (raw, qcow2, vmdk, vhd, vhdx, vdi) with a run
 configuration baked in, made on demand and kept beside the image for the next same export.
 
-A disk boots Debian's cloud kernel, which has the EFI stub the micro kernel lacks, so the
-image's initrd gets that kernel's drivers for common virtual hardware (appended as an archive
-that replaces the list of modules init loads), then the run configuration (env, args). The
-disks live in the image's own folder (`<data>/images/<id>/disks/`): deleting or replacing the
-image deletes them, and `disk_cache_mb` bounds them all together.
+A disk boots the disk kernel (the micro kernel plus the EFI stub and the drivers of common
+virtual hardware, all built in), or, with ``disk_kernel: cloud``, Debian's cloud kernel with its
+modules for that hardware. After the image's initrd comes an archive with today's init (it has
+the DHCP client) and the modules to load (none for the disk kernel), then the run configuration
+(env, args, network by DHCP). The disks live in the image's own folder
+(`<data>/images/<id>/disks/`): deleting or replacing the image deletes them, and `disk_cache_mb`
+bounds them all together.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Drivers for the disks and NICs of common virtual hardware that Debian's cloud kernel has as
 # modules: virtio (QEMU/KVM, GCE), PIIX IDE, VMware's vmxnet3 and pvscsi, AWS's ENA (NVMe is
-# built in). Hyper-V's need hv_vmbus, which fails to load elsewhere and would say so each boot.
+# built in). Hyper-V's need hv_vmbus, which fails to load elsewhere and would say so each boot;
+# AHCI and e1000 it does not have at all. The disk kernel builds all of them in.
 DISK_MODULES = (
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "ata_piix",
     "vmxnet3", "vmw_pvscsi", "ena", "vfat", "nls_cp437", "nls_utf8", "nls_ascii",
@@ -44,7 +47,7 @@ EXTENSIONS = {"raw": "img"}
 # The env baked into a disk travels in a URL: this bounds what one request can make the daemon write.
 MAX_ENV_BYTES = 16 << 10
 # Bumped when what goes on a disk changes, so no disk made by older code is handed out.
-DISK_LAYOUT = 1
+DISK_LAYOUT = 2
 # A disk younger than this may still be streaming to a client: eviction leaves it alone.
 EVICT_AFTER_SECONDS = 60.0
 
@@ -77,25 +80,30 @@ class DiskService:
             default_args = image.meta.args if args is None else shlex.split(args)
         except ValueError as exc:
             raise BadRequest(f"args: {exc}") from exc
+        flavour = self.ctx.config.disk_kernel
         try:
-            kernel = load_kernel(default_kernel_root(), "cloud")
+            kernel = load_kernel(default_kernel_root(), flavour)
         except FileNotFoundError as exc:
-            raise NotImplementedByProvider(f"bootable disks boot Debian's cloud kernel: {exc}") from exc
-        run_config = guest.run_config_cpio(env=env, args=default_args, hostname=image.name)
+            raise NotImplementedByProvider(f"bootable disks boot the {flavour} kernel: {exc}") from exc
+        init_binary = await asyncio.to_thread(guest.ensure_init_binary, self.ctx.cache_dir)
+        modules = kernel.module_closure(list(DISK_MODULES)) if flavour == "cloud" else []
+        overlay = guest.modules_cpio(modules, init_binary=init_binary) + guest.run_config_cpio(
+            env=env, args=default_args, hostname=image.name, net=guest.DHCP
+        )
         # Every format is converted from the raw disk of the same run config, kept as well:
         # making it is most of an export, converting it is what qemu-img alone costs.
-        raw = self._disk_path(image, "raw", run_config, kernel)
+        raw = self._disk_path(image, "raw", overlay, kernel)
         # One export of a disk at a time: the second waits and finds the first one's disk.
         made = False
         async with self._lock(raw):
             if raw.is_file():
                 raw.touch()  # in use: the oldest go first when the cache is full
             else:
-                await asyncio.to_thread(self._make_raw, image, run_config, kernel, raw)
+                await asyncio.to_thread(self._make_raw, image, overlay, kernel, raw)
                 made = True
         target = raw
         if fmt != "raw":
-            target = self._disk_path(image, fmt, run_config, kernel)
+            target = self._disk_path(image, fmt, overlay, kernel)
             async with self._lock(target):
                 if not target.is_file():
                     await asyncio.to_thread(convert_disk, raw, fmt, target)
@@ -108,11 +116,11 @@ class DiskService:
     def _lock(self, disk: Path) -> asyncio.Lock:
         return self._locks.setdefault(disk.name, asyncio.Lock())
 
-    def _disk_path(self, image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel) -> Path:
-        key = _disk_key(image, fmt, run_config, kernel)
+    def _disk_path(self, image: ImageRecord, fmt: str, overlay: bytes, kernel: Kernel) -> Path:
+        key = _disk_key(image, fmt, overlay, kernel)
         return self.ctx.artifacts.folder(image.id) / "disks" / f"{key}.{EXTENSIONS.get(fmt, fmt)}"
 
-    def _make_raw(self, image: ImageRecord, run_config: bytes, kernel: Kernel, target: Path) -> None:
+    def _make_raw(self, image: ImageRecord, overlay: bytes, kernel: Kernel, target: Path) -> None:
         work = self.ctx.tmp_dir / f"disk-{uuid.uuid4().hex}"
         work.mkdir()
         try:
@@ -120,8 +128,7 @@ class DiskService:
             with open(initrd, "wb") as out:
                 with open(self.ctx.artifacts.path(image.id, image.meta.artifact, "initrd"), "rb") as source:
                     shutil.copyfileobj(source, out, 1 << 20)
-                out.write(guest.modules_cpio(kernel.module_closure(list(DISK_MODULES))))
-                out.write(run_config)
+                out.write(overlay)
             raw = work / "disk.raw"
             build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), raw)
             target.parent.mkdir(exist_ok=True)
@@ -157,14 +164,13 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return check_env(env)
 
 
-def _disk_key(image: ImageRecord, fmt: str, run_config: bytes, kernel: Kernel) -> str:
+def _disk_key(image: ImageRecord, fmt: str, overlay: bytes, kernel: Kernel) -> str:
     parts = {
         "layout": DISK_LAYOUT,
         "image": image.meta.digest,
         "format": fmt,
-        "run_config": hashlib.sha256(run_config).hexdigest(),
+        "overlay": hashlib.sha256(overlay).hexdigest(),
         "kernel": kernel.version,
         "bzimage": DIGESTS.sha256(kernel.bzimage),
-        "modules": list(DISK_MODULES),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

@@ -101,7 +101,7 @@ def _vm(tmp_path: Path, disk: Path, fmt: str, firmware: str, attach: str, nic: s
     """The qemu command line of a user's VM booting `disk`, and its serial console file.
 
     firmware: "bios" (SeaBIOS on -M pc) or "uefi" (OVMF on q35, a fresh variable store per VM);
-    attach: "virtio", "ahci" or "nvme"; nic: a qemu NIC model on user-mode networking, whose
+    attach: "virtio", "ahci", "nvme", "pvscsi" or "virtio-scsi"; nic: a qemu NIC model on user-mode networking, whose
     DHCP server hands out 10.0.2.15, with a loopback port forwarded to the guest's 8080.
     """
     console = tmp_path / f"{disk.name}-{firmware}-{attach}.log"
@@ -111,6 +111,8 @@ def _vm(tmp_path: Path, disk: Path, fmt: str, firmware: str, attach: str, nic: s
         "virtio": ["-drive", f"{drive},if=virtio"],
         "ahci": ["-device", "ahci,id=sata", *detached, "-device", "ide-hd,drive=d0,bus=sata.0"],
         "nvme": [*detached, "-device", "nvme,drive=d0,serial=unik0"],
+        "pvscsi": ["-device", "pvscsi,id=scsi", *detached, "-device", "scsi-hd,drive=d0,bus=scsi.0"],
+        "virtio-scsi": ["-device", "virtio-scsi-pci,id=scsi", *detached, "-device", "scsi-hd,drive=d0,bus=scsi.0"],
     }[attach]
     firmware_args: list[str] = []
     machine = "pc"
@@ -141,14 +143,14 @@ BAKED = "env=GREETING=baked%20into%20the%20disk&env=TICKS=1"
 
 
 # Every format boots once; raw and qcow2 under both firmwares; the hardware of the hypervisors
-# and clouds each format is for: VirtualBox (vdi: AHCI, e1000), VMware (vmdk), Hyper-V (vhd,
-# vhdx: generation 2 is UEFI), AWS Nitro (raw: UEFI, NVMe).
+# and clouds each format is for: VirtualBox (vdi: AHCI, e1000), VMware (vmdk: pvscsi, vmxnet3),
+# Hyper-V (vhd, vhdx: generation 2 is UEFI), AWS Nitro (raw: UEFI, NVMe), GCE (virtio-scsi).
 BOOTS = [
     ("raw", "bios", "virtio", "virtio-net-pci"),
     ("raw", "uefi", "nvme", "virtio-net-pci"),
-    ("qcow2", "bios", "virtio", "virtio-net-pci"),
+    ("qcow2", "bios", "virtio-scsi", "virtio-net-pci"),
     ("qcow2", "uefi", "virtio", "virtio-net-pci"),
-    ("vmdk", "bios", "ahci", "e1000"),
+    ("vmdk", "bios", "pvscsi", "vmxnet3"),
     ("vhd", "uefi", "ahci", "e1000e"),
     ("vhdx", "uefi", "virtio", "virtio-net-pci"),
     ("vdi", "bios", "ahci", "e1000"),

@@ -477,6 +477,11 @@ static int open_control(void)
 	return fd;
 }
 
+/* A clone of a VM template, right after its restore, is told who it is (see the clone section). */
+static int app_listening(void);
+static int clone_identity(const char *hostname, const char *seed_hex, const char *realtime_ns, const char **why);
+static int clone_network(const char *address, const char *gateway, const char *mac, const char **why);
+
 static void reply(int fd, const char *text)
 {
 	(void)!write(fd, text, strlen(text));
@@ -503,6 +508,15 @@ static void handle_command(int fd, char *line)
 		err = mount_volume(a, b, c, &why);
 	} else if (n == 2 && strcmp(verb, "umount") == 0) {
 		err = unmount_volume(a, &why);
+	} else if (n == 1 && strcmp(verb, "listening") == 0) {
+		if (!app_listening()) {
+			err = EAGAIN;
+			why = "not listening";
+		}
+	} else if (n == 4 && strcmp(verb, "clone") == 0) {
+		err = clone_identity(a, b, c, &why);
+	} else if (n == 4 && strcmp(verb, "netaddr") == 0) {
+		err = clone_network(a, b, c, &why);
 	} else {
 		err = EINVAL;
 		why = "unknown command";
@@ -884,6 +898,121 @@ static void configure_nic(int sock, const char *conf)
 	/* A shift by 32 is undefined in C: /0 is spelled out. */
 	in_addr_t mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
 	apply_address(sock, nic, ip.s_addr, mask, gw.s_addr);
+}
+
+/*
+ * VM templates. The host snapshots a warm instance once its app listens on a TCP port
+ * ("listening"), and later starts clones from that snapshot: every clone wakes up as the
+ * template was, with its hostname, its kernel's random state, its clock and its NIC's MAC
+ * and address. "clone HOSTNAME SEED NS" gives it its own hostname, mixes SEED (hex bytes from
+ * the host's getrandom) into the kernel's pool and reseeds the CRNG at once (as vmgenid does),
+ * and sets the wall clock to NS (Unix nanoseconds); "netaddr A.B.C.D/N GATEWAY MAC" gives the
+ * NIC its own MAC (virtio-net changes it live) and address.
+ */
+#define RNDADDENTROPY 0x40085203 /* _IOW('R', 0x03, int[2]) */
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07) */
+
+static int app_listening(void)
+{
+	FILE *f = fopen("/proc/net/tcp", "re");
+	if (!f)
+		return 0;
+	char line[256];
+	unsigned state;
+	int found = 0;
+	while (!found && fgets(line, sizeof line, f))
+		found = sscanf(line, " %*u: %*x:%*x %*x:%*x %x", &state) == 1 && state == 0x0A; /* TCP_LISTEN */
+	fclose(f);
+	return found;
+}
+
+static int hex_value(char c)
+{
+	return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+static int clone_identity(const char *hostname, const char *seed_hex, const char *realtime_ns, const char **why)
+{
+	if (sethostname(hostname, strlen(hostname)) < 0) {
+		*why = "cannot set the hostname";
+		return errno;
+	}
+	struct {
+		int entropy_count, buf_size;
+		unsigned char buf[64];
+	} seed;
+	size_t len = strlen(seed_hex) / 2;
+	if (len == 0 || len > sizeof seed.buf) {
+		*why = "bad seed";
+		return EINVAL;
+	}
+	for (size_t i = 0; i < len; i++) {
+		int hi = hex_value(seed_hex[2 * i]), lo = hex_value(seed_hex[2 * i + 1]);
+		if (hi < 0 || lo < 0) {
+			*why = "bad seed";
+			return EINVAL;
+		}
+		seed.buf[i] = (unsigned char)(hi << 4 | lo);
+	}
+	seed.entropy_count = (int)len * 8;
+	seed.buf_size = (int)len;
+	int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+	int err = fd < 0 || ioctl(fd, RNDADDENTROPY, &seed) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0 ? errno : 0;
+	if (fd >= 0)
+		close(fd);
+	if (err) {
+		*why = "cannot reseed the kernel's random generator";
+		return err;
+	}
+	char *end;
+	long long ns = strtoll(realtime_ns, &end, 10);
+	struct timespec now = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
+	if (*end || ns <= 0) {
+		*why = "bad time";
+		return EINVAL;
+	}
+	if (clock_settime(CLOCK_REALTIME, &now) < 0) {
+		*why = "cannot set the clock";
+		return errno;
+	}
+	return 0;
+}
+
+static int clone_network(const char *address, const char *gateway, const char *mac, const char **why)
+{
+	unsigned char hw[6];
+	char ip_text[32];
+	int prefix;
+	struct in_addr ip, gw = { INADDR_ANY };
+	if (sscanf(mac, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &hw[0], &hw[1], &hw[2], &hw[3], &hw[4], &hw[5]) != 6 ||
+	    sscanf(address, "%31[^/]/%d", ip_text, &prefix) != 2 || prefix < 0 || prefix > 32 ||
+	    inet_pton(AF_INET, ip_text, &ip) != 1 || (strcmp(gateway, "-") != 0 && inet_pton(AF_INET, gateway, &gw) != 1)) {
+		*why = "bad address";
+		return EINVAL;
+	}
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	char nic[IFNAMSIZ];
+	if (sock < 0 || find_nic(sock, nic, sizeof nic) < 0) {
+		if (sock >= 0)
+			close(sock);
+		*why = "no network interface";
+		return ENODEV;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
+	ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
+	memcpy(ifr.ifr_hwaddr.sa_data, hw, 6);
+	if (ioctl(sock, SIOCSIFHWADDR, &ifr) < 0) {
+		int err = errno;
+		close(sock);
+		*why = "cannot change the MAC address";
+		return err;
+	}
+	in_addr_t mask = prefix ? htonl(0xffffffffu << (32 - prefix)) : 0;
+	apply_address(sock, nic, ip.s_addr, mask, gw.s_addr);
+	close(sock);
+	return 0;
 }
 
 static void setup_network(void)

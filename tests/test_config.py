@@ -139,6 +139,8 @@ def test_every_qemu_option_is_read(tmp_path: Path) -> None:
         "firmware": "seabios",
         "tcg_cache_mb": 0,
         "guest_memory": "anonymous",
+        "warm_templates": 3,
+        "warm_templates_mb": 512,
     }
     path = write(tmp_path, yaml.safe_dump({"providers": {"qemu": [options]}, "build_timeout": 5}))
 

@@ -44,7 +44,7 @@ class ToyProvider(Provider):
     def console_path(self, instance_id: str) -> Path:
         return self.context.data_dir / "toy" / f"{instance_id}.log"
 
-    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
         initrd = self.context.artifacts.path(spec.image_id, spec.artifact, "initrd")
         assert isinstance(self.config, ToyConfig)
         path = self.console_path(instance_id)
@@ -52,6 +52,7 @@ class ToyProvider(Provider):
         with open(path, "a") as console:
             console.write(f"{self.config.greeting} {spec.env.get('WHO', '')}: {initrd.stat().st_size} bytes\n")
         self.running.add(instance_id)
+        return False
 
     async def stop(self, instance_id: str) -> None:
         self.running.discard(instance_id)

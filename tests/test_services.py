@@ -169,6 +169,7 @@ def test_what_the_provider_cannot_do_is_a_501_that_leaves_nothing(
         for extra, says in (
             ({"Ports": [{"HostPort": 18123, "GuestPort": 80}]}, "publish host ports"),
             ({"DebugMode": True}, "debugger"),
+            ({"WarmStart": True}, "start instances warm"),
         ):
             refused = api.post("/instances/run", json={"InstanceName": "x", "ImageName": "hello", **extra})
             assert refused.status_code == 501 and says in refused.json()["message"], refused.text

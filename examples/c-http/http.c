@@ -3,6 +3,8 @@
  *   GET /ping_test   {"message":"pong"}
  *   GET /env_test    the value of the environment variable KEY
  *   GET /mount_test  the contents of /data/data.txt (404 with a message when it is absent)
+ *   GET /identity_test  {"hostname":..., "time":UNIX SECONDS, "random":32 hex digits of getrandom}:
+ *                    what must differ between clones of one VM template (warm starts)
  * It listens on $PORT (default 8080), one connection at a time, and exits on SIGTERM.
  */
 #include <errno.h>
@@ -12,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t stopping;
@@ -35,7 +39,10 @@ static void send_all(int fd, const char *data, size_t len)
 static void respond(int fd, int status, const char *type, const char *body, size_t len)
 {
 	char head[256];
-	const char *reason = status == 200 ? "OK" : status == 404 ? "Not Found" : "Bad Request";
+	const char *reason = status == 200   ? "OK"
+			     : status == 404 ? "Not Found"
+			     : status == 500 ? "Internal Server Error"
+					     : "Bad Request";
 	int n = snprintf(head, sizeof head,
 			 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
 			 status, reason, type, len);
@@ -62,6 +69,22 @@ static void mount_test(int fd)
 		used += (size_t)n;
 	close(file);
 	respond(fd, 200, "text/plain", buf, used);
+}
+
+static void identity_test(int fd)
+{
+	char host[65] = "", hex[33] = "", body[256];
+	unsigned char bytes[16];
+	gethostname(host, sizeof host - 1);
+	if (getrandom(bytes, sizeof bytes, 0) != (ssize_t)sizeof bytes) {
+		respond_text(fd, 500, "application/json", "{\"message\":\"getrandom failed\"}");
+		return;
+	}
+	for (size_t i = 0; i < sizeof bytes; i++)
+		snprintf(hex + 2 * i, 3, "%02x", bytes[i]);
+	snprintf(body, sizeof body, "{\"hostname\":\"%s\",\"time\":%lld,\"random\":\"%s\"}", host,
+		 (long long)time(NULL), hex);
+	respond_text(fd, 200, "application/json", body);
 }
 
 static void serve(int fd)
@@ -94,6 +117,8 @@ static void serve(int fd)
 		respond_text(fd, 200, "text/plain", value ? value : "");
 	} else if (strcmp(path, "/mount_test") == 0) {
 		mount_test(fd);
+	} else if (strcmp(path, "/identity_test") == 0) {
+		identity_test(fd);
 	} else {
 		respond_text(fd, 404, "application/json", "{\"message\":\"no such path\"}");
 	}

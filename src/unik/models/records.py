@@ -92,6 +92,8 @@ class LaunchSpec(BaseModel):
     ports: list[PortMapping] = Field(default_factory=list)
     # The instance's own address with prefix ("10.77.0.2/24"), allocated by the daemon: bridge mode.
     address: str = ""
+    # Start as a clone of a VM template when the provider has one (RunInstanceRequest.WarmStart).
+    warm_start: bool = False
     # Not stored: volumes come and go after the run, so each boot is told the current ones.
     volumes: list[VolumeAttachment] = Field(default_factory=list, exclude=True)
 

@@ -116,6 +116,15 @@ class Instance(BaseModel):
     ImageId: str
     Infrastructure: str
     Created: str
+    # Addition: its last start was a clone of a VM template (a warm start); omitted when not.
+    StartedWarm: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_cold(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not data.get("StartedWarm"):
+            data.pop("StartedWarm", None)
+        return data
 
 
 class Volume(BaseModel):
@@ -156,6 +165,9 @@ class RunInstanceRequest(BaseModel):
     DebugMode: bool = False
     # A daemon addition: clients that do not know it send nothing and publish nothing.
     Ports: list[PortMapping] | None = None
+    # Addition: start as a clone of a VM template of the same image, Env and memory (the
+    # first such run boots cold and becomes the template once its app is ready).
+    WarmStart: bool = False
 
     @field_serializer("Mounts", "Env")
     def _none_as_empty(self, value: dict[str, str] | None) -> dict[str, str]:

@@ -37,6 +37,7 @@ class Capability(StrEnum):
     PUBLISHED_PORTS = "publish host ports"
     OWN_ADDRESSES = "give instances addresses of their own"
     DEBUG_PORT = "start instances halted for a debugger"
+    WARM_START = "start instances warm, as clones of a VM template"
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ class Provider(ABC):
         """The kernel that images for this provider are built with (raises when it is missing)."""
 
     @abstractmethod
-    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
-        """Boot the instance's VM, detached: it must survive a daemon restart."""
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
+        """Boot the instance's VM, detached: it must survive a daemon restart. True when it
+        started warm (a clone of a VM template, spec.warm_start), False when it booted."""
 
     @abstractmethod
     async def stop(self, instance_id: str) -> None:
@@ -110,6 +112,10 @@ class Provider(ABC):
         """Kill the VM if it runs and delete the instance's files."""
 
     def debug_port(self, instance_id: str) -> int | None:
+        return None
+
+    def forget_image(self, image_id: str) -> None:
+        """The image is gone: drop what the provider keeps of it (its VM templates)."""
         return None
 
     def instance_ids(self) -> set[str]:

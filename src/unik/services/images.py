@@ -14,7 +14,7 @@ from pathlib import Path
 from unik.errors import Conflict
 from unik.models import Image, ImageMeta
 from unik.services.checks import raise_if_disk_full
-from unik.services.context import Context
+from unik.services.context import Context, ImageRecord
 from unik.services.instances import InstanceService
 from unik.store import Record
 
@@ -81,7 +81,7 @@ class ImageService:
         replaced = self.ctx.store.images.insert(Record(image, meta), replace_name=force)
         if replaced is not None:
             # Instances keep their own links to the files, so the old folder can go now.
-            self.ctx.artifacts.remove(replaced.id)
+            self._remove_files(replaced)
 
     async def delete(self, ref: str, *, force: bool = False) -> None:
         ctx = self.ctx
@@ -93,5 +93,12 @@ class ImageService:
         for user in users:
             await self.instances.delete(user.id, force=True)
         ctx.store.images.delete(record.id)
-        await asyncio.to_thread(ctx.artifacts.remove, record.id)
+        await asyncio.to_thread(self._remove_files, record)
         log.info("deleted image %s (%s)", record.name, record.id)
+
+    def _remove_files(self, record: ImageRecord) -> None:
+        """The image's folder (with its exported disks) and what its provider keeps of it."""
+        self.ctx.artifacts.remove(record.id)
+        provider = self.ctx.providers.get(record.meta.provider)
+        if provider is not None:
+            provider.forget_image(record.id)

@@ -59,6 +59,8 @@ class InstanceService:
             )
         if request.DebugMode:
             provider.require(Capability.DEBUG_PORT)
+        if request.WarmStart:
+            provider.require(Capability.WARM_START)
         env = check_env(request.Env or {})
         ports = list(request.Ports or [])
         self._check_ports(provider, None, ports)
@@ -83,6 +85,7 @@ class InstanceService:
             debug_mode=request.DebugMode,
             ports=ports,
             address=guest_address,
+            warm_start=request.WarmStart,
         )
         record = Record(instance, InstanceMeta(provider=provider.name, spec=spec, no_cleanup=request.NoCleanup,
                                                booted=False))  # fmt: skip
@@ -181,11 +184,12 @@ class InstanceService:
         ctx.set_state(record, InstanceState.pending)
         boot_spec = spec.model_copy(update={"volumes": ctx.attachments(record.id)})
         try:
-            await provider.launch(record.id, boot_spec)
+            warm = await provider.launch(record.id, boot_spec)
         except BaseException:
             ctx.set_state(record, InstanceState.error)
             raise
         record.meta.booted = True
+        record.obj.StartedWarm = bool(warm)
         ctx.set_state(record, InstanceState.running)
 
     async def stop(self, ref: str) -> Instance:

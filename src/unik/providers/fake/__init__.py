@@ -71,7 +71,7 @@ class FakeProvider(Provider):
     def console_path(self, instance_id: str) -> Path:
         return self._folder(instance_id) / "console.log"
 
-    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
         self.calls.append(("launch", instance_id))
         if self.fake_config.fail_launch:
             raise Conflict(self.fake_config.fail_launch)
@@ -83,6 +83,7 @@ class FakeProvider(Provider):
         with open(self.console_path(instance_id), "a") as console:
             console.write(f"booted {spec.image_id} env={sorted(spec.env.items())} mounts={mounts}\n")
         self.vms[instance_id] = FakeVM(spec, volumes={v.serial: v for v in spec.volumes})
+        return False
 
     async def stop(self, instance_id: str) -> None:
         self.calls.append(("stop", instance_id))

@@ -27,10 +27,13 @@ def boot_argv(
     memory_mb: int,
     console: Path,
     kernel_version: str = "",
+    memory: MemoryBackend | None = None,
 ) -> list[str]:
-    """The machine every instance boots on (the benchmark boots its floor on the same one)."""
+    """The machine every instance boots on (the benchmark boots its floor on the same one).
+    `memory` replaces where guest RAM comes from (a VM template's file)."""
+    machine = [Machine(config.machine, {"memory-backend": memory.id}), memory] if memory else None
     options: list[Option] = [
-        *_machine(config, memory_mb),
+        *(machine or _machine(config, memory_mb)),
         accel_option(config, accel, memory_mb),
         Arg("-m", memory_mb),
         Arg("-cpu", CPU_MODEL),

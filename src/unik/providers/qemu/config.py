@@ -52,6 +52,10 @@ class QemuProviderConfig(ProviderConfig):
     # only memory the kernel's samepage merging (KSM) dedupes across instances. "auto": anonymous
     # when the host runs KSM (/sys/kernel/mm/ksm/run is 1), a memfd otherwise.
     guest_memory: Literal["auto", "memfd", "anonymous"] = "auto"
+    # VM templates for warm starts (RunInstanceRequest.WarmStart), kept under <data>/templates:
+    # at most this many, and this many MB of RAM snapshots in all; the least recently used go.
+    warm_templates: int = Field(default=8, ge=0)
+    warm_templates_mb: int = Field(default=8192, ge=0)
 
     @model_validator(mode="after")
     def _bridge_needs_names(self) -> QemuProviderConfig:

@@ -102,6 +102,21 @@ async def unplug_disk(socket: Path, name: str, volume: VolumeAttachment) -> None
 async def guest_control(socket: Path, command: str) -> None:
     """One request to the guest init over its control serial port: `TAG COMMAND` out,
     `TAG ok` or `TAG err WHY` back (lines with another tag are leftovers: skipped)."""
+    answer = await _exchange(socket, command)
+    if answer == "ok":
+        return
+    why = answer.removeprefix("err ").strip() or "no answer (is the guest still booting?)"
+    if why.startswith("busy"):
+        raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
+    raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+
+
+async def guest_ask(socket: Path, question: str) -> bool:
+    """A yes/no question to the guest init (`listening`): its `ok` is yes, an `err` no."""
+    return await _exchange(socket, question) == "ok"
+
+
+async def _exchange(socket: Path, command: str) -> str:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), 5.0)
     except (OSError, TimeoutError) as exc:
@@ -132,9 +147,4 @@ async def guest_control(socket: Path, command: str) -> None:
         raise UnikError(f"the guest did not answer {command.split()[0]!r} in time") from None
     finally:
         writer.close()
-    if answer == "ok":
-        return
-    why = answer.removeprefix("err ").strip() or "no answer (is the guest still booting?)"
-    if why.startswith("busy"):
-        raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
-    raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+    return answer

@@ -36,6 +36,10 @@ class QemuInstances:
     def control(self, instance_id: str) -> Path:
         return self.folder(instance_id) / "ctl.sock"
 
+    def ram_file(self, instance_id: str) -> Path:
+        """A warm run's guest RAM, shared with qemu so that it can become a VM template."""
+        return self.folder(instance_id) / "ram"
+
     def gdb_port(self, instance_id: str) -> Path:
         return self.folder(instance_id) / "gdb.port"
 

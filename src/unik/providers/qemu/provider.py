@@ -29,9 +29,11 @@ from unik.providers.qemu import control
 from unik.providers.qemu.accel import choose_accel
 from unik.providers.qemu.boot import boot_argv
 from unik.providers.qemu.config import QemuProviderConfig
-from unik.providers.qemu.options import Arg, ChardevSocket, FwCfg, Name, Option, Qmp, Serial, flatten
+from unik.providers.qemu.options import Arg, ChardevSocket, FwCfg, MemoryBackend, Name, Option, Qmp, Serial, flatten
 from unik.providers.qemu.processes import QemuInstances
 from unik.providers.qemu.staging import stage_boot_files
+from unik.providers.qemu.templates import Template
+from unik.providers.qemu.warm import WarmStarts
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class QemuProvider(Provider):
         self.kernel_root = config.kernel_dir or default_kernel_root()
         self.network = HostNetwork(config)
         self.vms = QemuInstances(self.instances_dir)
+        self.warm = WarmStarts(config, data_dir / "templates", self.vms, self.network)
 
     def console_path(self, instance_id: str) -> Path:
         return self.vms.console(instance_id)
@@ -108,13 +111,21 @@ class QemuProvider(Provider):
     # -- lifecycle ---------------------------------------------------------------------
 
     def _command(
-        self, instance_id: str, kernel: Path, initrd: Path, spec: LaunchSpec, run_archive: Path | None
+        self,
+        instance_id: str,
+        kernel: Path,
+        initrd: Path,
+        spec: LaunchSpec,
+        run_archive: Path | None,
+        memory: MemoryBackend | None,
+        template: Template | None,
     ) -> list[str]:
         argv = boot_argv(
             self.config, self.accel, kernel=kernel, initrd=initrd, memory_mb=spec.memory_mb,
-            console=self.console_path(instance_id), kernel_version=spec.kernel_version,
+            console=self.console_path(instance_id), kernel_version=spec.kernel_version, memory=memory,
         )  # fmt: skip
-        options: list[Option] = []
+        # A clone waits for its template's state (migrate-incoming once qemu is up).
+        options: list[Option] = [Arg("-incoming", "defer")] if template else []
         if run_archive is not None:
             options.append(FwCfg(guest.FW_CFG_RUN_ARCHIVE, run_archive))
         options += [
@@ -136,7 +147,9 @@ class QemuProvider(Provider):
             argv += flatten([Arg("-gdb", f"tcp:127.0.0.1:{port}"), Arg("-S")])
         return argv
 
-    def _prepare(self, instance_id: str, spec: LaunchSpec) -> list[str]:
+    def _prepare(
+        self, instance_id: str, spec: LaunchSpec, warm_key: str | None, template: Template | None
+    ) -> list[str]:
         """The instance's files (boot files with the run config, no stale sockets) and its host
         network; returns the qemu command line."""
         run_config = guest.run_config_cpio(
@@ -150,19 +163,41 @@ class QemuProvider(Provider):
         files = stage_boot_files(self.vms.folder(instance_id), self.context.artifacts, spec, run_config, self.kernel)
         vms = self.vms
         for stale in (vms.pidfile(instance_id), vms.qmp(instance_id), vms.control(instance_id),
-                      vms.gdb_port(instance_id)):  # fmt: skip
+                      vms.gdb_port(instance_id), vms.ram_file(instance_id)):  # fmt: skip
             stale.unlink(missing_ok=True)
-        argv = self._command(instance_id, files.kernel, files.initrd, spec, files.run_archive)
+        memory = self.warm.memory(instance_id, spec.memory_mb, warm_key, template)
+        argv = self._command(instance_id, files.kernel, files.initrd, spec, files.run_archive, memory, template)
         self.network.prepare(instance_id)
         return argv
 
-    async def launch(self, instance_id: str, spec: LaunchSpec) -> None:
+    async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
         if spec.memory_mb <= 0 or spec.memory_mb > self.config.max_memory_mb:
             raise BadRequest(f"memory must be between 1 and {self.config.max_memory_mb} MB")
         if self.alive(instance_id):
-            return
+            return False
+        warm_key = self.warm.key(instance_id, spec)
+        template = self.warm.templates.find(warm_key) if warm_key else None
+        console = self.console_path(instance_id)
+        console_from = console.stat().st_size if console.exists() else 0
         # One worker-thread hop for all the file work: each hop is on the boot's critical path.
-        argv = await asyncio.to_thread(self._prepare, instance_id, spec)
+        argv = await asyncio.to_thread(self._prepare, instance_id, spec, warm_key, template)
+        await self._start_qemu(instance_id, argv)
+        if template is not None:
+            try:
+                await self.warm.restore(instance_id, spec, template)
+            except BaseException:
+                await self.vms.kill(instance_id)
+                await asyncio.to_thread(self.release_network, instance_id)
+                raise
+            return True
+        if spec.debug_mode:
+            port = self.debug_port(instance_id)
+            log.warning("instance %s waits for gdb: target remote 127.0.0.1:%s", instance_id, port)
+        if warm_key is not None:
+            self.warm.capture_when_ready(instance_id, spec, warm_key, console_from)
+        return False
+
+    async def _start_qemu(self, instance_id: str, argv: list[str]) -> None:
         # Shell-quoted: a path with a space stays one word when the line is pasted into a shell.
         log.debug("launching %s", shlex.join(argv))
         proc = await asyncio.create_subprocess_exec(
@@ -185,9 +220,9 @@ class QemuProvider(Provider):
             if HOSTFWD_FAILURE in message:
                 raise Conflict(f"a published port is already in use: {message}")
             raise UnikError(f"qemu failed to start: {message}")
-        if spec.debug_mode:
-            port = self.debug_port(instance_id)
-            log.warning("instance %s waits for gdb: target remote 127.0.0.1:%s", instance_id, port)
+
+    def forget_image(self, image_id: str) -> None:
+        self.warm.templates.remove_image(image_id)
 
     def debug_port(self, instance_id: str) -> int | None:
         try:
@@ -265,7 +300,7 @@ class QemuProvider(Provider):
             "bridge": {Capability.OWN_ADDRESSES},
             "none": set(),
         }[self.config.network]
-        return frozenset({Capability.HOT_PLUG, Capability.DEBUG_PORT, *network})
+        return frozenset({Capability.HOT_PLUG, Capability.DEBUG_PORT, Capability.WARM_START, *network})
 
     def image_modules(self) -> list[str]:
         return list(BASE_MODULES)
@@ -274,3 +309,4 @@ class QemuProvider(Provider):
         # A VM that is still running keeps its tap (the monitor may race a restart).
         if not self.alive(instance_id):
             self.network.release(instance_id)
+

@@ -303,6 +303,20 @@ def test_run_sends_run_instance_request(daemon: FakeDaemon) -> None:
     assert (body["Mounts"], body["Env"], body["MemoryMb"]) == ({}, {}, 0)
 
 
+def test_run_sends_warm_start_only_when_asked(daemon: FakeDaemon) -> None:
+    daemon.on("POST", "/instances/run", 201, json={**INSTANCE, "StartedWarm": True})
+    client = daemon.client()
+
+    instance = client.instances.run("hello-1", "hello", warm_start=True)
+    assert json.loads(daemon.bodies[-1])["WarmStart"] is True
+    assert instance.StartedWarm is True
+    # Without it the body is the Go client's, as old daemons know it.
+    client.instances.run("hello-2", "hello", warm_start=False)
+    assert "WarmStart" not in json.loads(daemon.bodies[-1])
+    daemon.on("GET", "/instances/inst-abcdef", json=INSTANCE)
+    assert client.instances.get("inst-abcdef").StartedWarm is False
+
+
 def test_instance_actions(daemon: FakeDaemon) -> None:
     daemon.on("POST", "/instances/i1/start")
     daemon.on("POST", "/instances/i1/stop")
@@ -493,6 +507,20 @@ def test_cli_instances_table_and_alias(runner: CliRunner, cli_daemon: FakeDaemon
         "NAME", "ID", "INFRASTRUCTURE", "CREATED", "IMAGE", "IPADDRESS", "STATE",
     ]  # fmt: skip
     assert "10.0.2.15" in result.output and "running" in result.output
+    assert "(warm)" not in result.output
+
+
+def test_cli_instances_marks_warm_starts(runner: CliRunner, cli_daemon: FakeDaemon) -> None:
+    cli_daemon.on("GET", "/instances", json=[{**INSTANCE, "StartedWarm": True}, {**INSTANCE, "Id": "inst-cold"}])
+    result = runner.invoke(cli.app, ["instances"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines()[1:]}
+    assert rows["inst-abcdef"].rstrip().endswith("running (warm)")
+    assert rows["inst-cold"].rstrip().endswith("running")
+    # describe-instance's JSON carries the field as the daemon sent it.
+    cli_daemon.on("GET", "/instances/i1", json={**INSTANCE, "StartedWarm": True})
+    result = runner.invoke(cli.app, ["describe-instance", "--instance", "i1"])
+    assert json.loads(result.stdout) == {**INSTANCE, "StartedWarm": True}
 
 
 def test_cli_host_resolution(
@@ -571,6 +599,17 @@ def test_cli_run(runner: CliRunner, cli_daemon: FakeDaemon) -> None:
     assert body["Mounts"] == {"/data": "data"}
     assert (body["MemoryMb"], body["DebugMode"], body["NoCleanup"]) == (64, True, False)
     assert "inst-abcdef" in result.output
+    assert "WarmStart" not in body
+
+
+def test_cli_run_warm(runner: CliRunner, cli_daemon: FakeDaemon) -> None:
+    cli_daemon.on("POST", "/instances/run", 201, json={**INSTANCE, "StartedWarm": True})
+    result = runner.invoke(cli.app, ["run", "--instanceName", "hello-1", "--imageName", "hello", "--warm"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(cli_daemon.bodies[-1])["WarmStart"] is True
+    assert "running (warm)" in result.output
+    help_text = runner.invoke(cli.app, ["run", "--help"]).output
+    assert "--warm" in help_text and "VM template" in help_text
 
 
 def test_cli_run_rejects_bad_env(runner: CliRunner, cli_daemon: FakeDaemon) -> None:

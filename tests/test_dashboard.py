@@ -36,7 +36,7 @@ VM_TIMEOUT_MS = 60_000
 LIVE_MS = 2_500
 
 try:
-    from playwright.sync_api import BrowserContext, Locator, Page, expect, sync_playwright
+    from playwright.sync_api import BrowserContext, Locator, Page, Route, expect, sync_playwright
 except ImportError:  # pragma: no cover - the test extras install it
     sync_playwright = None  # type: ignore[assignment]
 
@@ -206,6 +206,44 @@ def test_api_errors_are_shown_in_the_api_words(daemon: Daemon, browser: BrowserC
     page.fill("#run-env", "no equals sign")
     page.click("#run-submit")
     expect(page.locator("#run-outcome")).to_contain_text("Environment line 1: expected KEY=value")
+    no_script_errors(page)
+
+
+@requires_chromium
+def test_warm_start_is_asked_for_and_shown(daemon: Daemon, browser: BrowserContext) -> None:
+    """No VM: the page's own requests are answered here, so only what it sends and shows is tested."""
+    image = {"Id": "img-1", "Name": "hello", "SizeMb": 1, "Infrastructure": "QEMU", "Created": "2026-01-01T00:00:00Z"}
+    listed: list[dict[str, object]] = []
+    bodies: list[dict[str, object]] = []
+
+    def run(route: Route) -> None:
+        body = route.request.post_data_json
+        bodies.append(body)
+        instance = {
+            "Id": f"inst-{body['InstanceName']}", "Name": body["InstanceName"], "State": "running",
+            "ImageId": "img-1", "Infrastructure": "QEMU", "Created": "2026-01-01T00:00:01Z",
+        }  # fmt: skip
+        if body.get("WarmStart"):
+            instance["StartedWarm"] = True
+        listed.append(instance)
+        route.fulfill(status=201, json=instance)
+
+    browser.route(re.compile(r"/images$"), lambda route: route.fulfill(json=[image]))
+    browser.route(re.compile(r"/instances$"), lambda route: route.fulfill(json=listed))
+    browser.route(re.compile(r"/instances/run$"), run)
+    browser.route(re.compile(r"/instances/[^/]+/logs"), lambda route: route.fulfill(body="booted\n"))
+    page = open_dashboard(browser, daemon)
+    expect(page.locator("#connection")).to_have_text("connected")
+    expect(page.locator("#run-image option[value='hello']")).to_have_count(1)
+
+    page.fill("#run-name", "cold1")
+    page.click("#run-submit")
+    expect(row(page, "instances", "cold1").locator(".state")).to_have_text("running")
+    page.fill("#run-name", "warm1")
+    page.check("#run-warm")
+    page.click("#run-submit")
+    expect(row(page, "instances", "warm1").locator(".state")).to_have_text("running warm")
+    assert "WarmStart" not in bodies[0] and bodies[1]["WarmStart"] is True
     no_script_errors(page)
 
 

@@ -61,6 +61,14 @@ def run(
             "--publish", "-p", help="HOST:GUEST or HOST:GUEST/udp: forward a host port to the guest (repeatable)."
         ),
     ] = None,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm",
+            help="Start as a clone of a VM template of the same image, env and memory: "
+            "the first such run boots cold and becomes the template once its app listens.",
+        ),
+    ] = False,
 ) -> None:
     """Boot an instance of an image."""
     instance = _client(host).instances.run(
@@ -72,6 +80,7 @@ def run(
         no_cleanup=no_cleanup,
         debug_mode=debug_mode,
         ports=parse_publish(publish),
+        warm_start=warm,
     )
     print_instances([instance])
 

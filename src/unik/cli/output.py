@@ -57,10 +57,15 @@ def print_images(images: Iterable[Image]) -> None:
     )
 
 
+def _state(instance: Instance) -> str:
+    """A warm start (a clone of a VM template) shows after the state: "running (warm)"."""
+    return f"{instance.State} (warm)" if instance.StartedWarm else instance.State
+
+
 def print_instances(instances: Iterable[Instance]) -> None:
     _table(
         INSTANCE_COLUMNS,
-        ((i.Name, i.Id, i.Infrastructure, i.Created, i.ImageId, i.IpAddress, i.State) for i in instances),
+        ((i.Name, i.Id, i.Infrastructure, i.Created, i.ImageId, i.IpAddress, _state(i)) for i in instances),
     )
 
 

@@ -31,9 +31,12 @@ class InstanceCollection(_Collection):
         no_cleanup: bool = False,
         debug_mode: bool = False,
         ports: Sequence[PortMapping | Mapping[str, Any]] | None = None,
+        warm_start: bool = False,
     ) -> Instance:
         """Boot a new instance; `mounts` maps a mount point to a volume name or id; `ports`
-        publishes host ports (``{"HostPort": 18080, "GuestPort": 8080, "Protocol": "tcp"}``)."""
+        publishes host ports (``{"HostPort": 18080, "GuestPort": 8080, "Protocol": "tcp"}``);
+        `warm_start` starts it as a clone of a VM template of the same image, Env, args and memory
+        (the first such run boots cold and becomes the template once its app is ready)."""
         request = RunInstanceRequest(
             InstanceName=name,
             ImageName=image,
@@ -43,8 +46,10 @@ class InstanceCollection(_Collection):
             NoCleanup=no_cleanup,
             DebugMode=debug_mode,
         )
-        # Without ports the body is exactly what the Go client sends.
-        body = request.model_dump(mode="json", exclude={"Ports"})
+        # Without ports or warm_start the body is exactly what the Go client sends.
+        body = request.model_dump(mode="json", exclude={"Ports", "WarmStart"})
+        if warm_start:
+            body["WarmStart"] = True
         if ports:
             # Sent as given: the daemon validates them and answers 400 with a message.
             body["Ports"] = [p.model_dump() if isinstance(p, PortMapping) else dict(p) for p in ports]

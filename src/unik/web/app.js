@@ -251,6 +251,8 @@ function renderInstances() {
   renderRows($("instances-table").tBodies[0], view.instances, (i) => i.Id, (i) => {
     const busy = view.busy.get(i.Id);
     const state = busy ? `<span class="badge state-busy">${esc(busy)}</span>` : `<span class="badge state-${esc(i.State)}">${esc(i.State)}</span>`;
+    // Started as a clone of a VM template: said next to the state, as `unik instances` does.
+    const warm = i.StartedWarm ? ` <span class="muted">warm</span>` : "";
     const net = [i.IpAddress ? esc(i.IpAddress) : "", esc(ports(i))].filter(Boolean).join("<br>") || "—";
     const vols = view.volumes.filter((v) => v.Attachment === i.Id).map((v) => esc(v.Name)).join(", ") || "—";
     const dis = busy ? "disabled" : "";
@@ -259,7 +261,7 @@ function renderInstances() {
       : button("start", i.Id, "Start", i.Name, dis);
     return (
       `<th scope="row"><span class="name">${esc(i.Name)}</span> <span class="muted id">${esc(shortId(i.Id))}</span></th>` +
-      `<td class="state">${state}</td><td>${esc(imageName(i.ImageId))}</td><td>${net}</td><td>${vols}</td>` +
+      `<td class="state">${state}${warm}</td><td>${esc(imageName(i.ImageId))}</td><td>${net}</td><td>${vols}</td>` +
       `<td>${when(i.Created)}</td>` +
       `<td class="row-actions">${button("console", i.Id, "Console", i.Name)}${lifecycle}${button("delete-instance", i.Id, "Delete", i.Name, `class="danger" ${dis}`)}</td>`
     );
@@ -712,6 +714,7 @@ async function onRun(event) {
     };
     const published = parsePorts($("run-ports").value);
     if (published.length) body.Ports = published;
+    if ($("run-warm").checked) body.WarmStart = true;
     if (!body.ImageName) throw new Error("Build an image first: there is none to run.");
   } catch (e) {
     outcome("run-outcome", "error", e.message);

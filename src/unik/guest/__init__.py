@@ -28,6 +28,11 @@ Guest protocol (read by init.c, PID 1)::
     /unik/run/net           the network interface's setup, "key=value" lines: address=A.B.C.D/N,
                             gateway=A.B.C.D, dns=A.B.C.D; or address=dhcp alone (the address,
                             route, DNS and MTU from the network's DHCP server); absent: loopback only
+                            config=imds (only with address=dhcp, see ``DHCP_IMDS``): once leased, init
+                            fetches EC2 user-data from the instance metadata service (IMDSv2) and
+                            unpacks it as a run archive over this one (hostname, env, args, mounts,
+                            stop timeout; not the network, already up); without user-data (404) or
+                            no answer within ~10 s, the baked run configuration stays
     /etc/resolv.conf        "nameserver DNS" when the network has a dns
     /unik/run/mounts        volumes to mount before the app starts: "SERIAL MOUNTPOINT FSTYPE" lines
                             (SERIAL is the virtio-blk serial; FSTYPE ext2/ext4/vfat, or auto)
@@ -55,6 +60,7 @@ from typing import BinaryIO
 
 __all__ = [
     "DHCP",
+    "DHCP_IMDS",
     "EXIT_LINE",
     "FW_CFG_RUN_ARCHIVE",
     "CpioWriter",
@@ -341,12 +347,16 @@ def run_config_cpio(
 NET_KEYS = ("address", "gateway", "dns")
 # The network config of a boot that asks the network's DHCP server.
 DHCP: dict[str, str] = {"address": "dhcp"}
+# The same, then the run archive from EC2's instance metadata service: user-data is a run archive.
+DHCP_IMDS: dict[str, str] = {"address": "dhcp", "config": "imds"}
 
 
 def _net_lines(net: dict[str, str]) -> bytes:
     """``/unik/run/net``: checked here so init.c can trust every line it parses."""
     if net == DHCP:
         return b"address=dhcp\n"
+    if net == DHCP_IMDS:
+        return b"address=dhcp\nconfig=imds\n"
     unknown = set(net) - set(NET_KEYS)
     if unknown or "address" not in net:
         raise ValueError(f"network config needs 'address' and only {NET_KEYS}: got {sorted(net)}")

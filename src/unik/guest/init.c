@@ -12,7 +12,11 @@
  *   /unik/run/stop_timeout seconds between SIGTERM and SIGKILL on a graceful stop (default 5)
  *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=... lines (and dns=,
  *                          read only by older images' inits: /etc/resolv.conf is in the archive),
- *                          or address=dhcp: ask the network's DHCP server (bootable disks)
+ *                          or address=dhcp: ask the network's DHCP server (bootable disks);
+ *                          with config=imds as well, once leased, the EC2 user-data from the
+ *                          instance metadata service (IMDSv2) is a run archive unpacked over
+ *                          this one (all but the network, already up); none (404) or no
+ *                          answer within ~10 s: the baked run configuration stays
  *
  * Console protocol: when the app is gone, init prints exactly one of
  *
@@ -46,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/io.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -217,12 +222,9 @@ static unsigned long cpio_field(const char *header, int index)
 	return strtoul(hex, NULL, 16);
 }
 
-static void unpack_run_archive(void)
+/* A run archive in memory, from fw_cfg or from the instance metadata service. */
+static void unpack_archive(const char *data, size_t len)
 {
-	size_t len;
-	char *data = slurp(FW_CFG_RUN_ARCHIVE, &len);
-	if (!data)
-		return;
 	size_t at = 0;
 	while (at + CPIO_HEADER_LEN <= len && memcmp(data + at, "070701", 6) == 0) {
 		const char *header = data + at;
@@ -249,6 +251,15 @@ static void unpack_run_archive(void)
 		}
 		at = (body + size + 3) & ~(size_t)3;
 	}
+}
+
+static void unpack_run_archive(void)
+{
+	size_t len;
+	char *data = slurp(FW_CFG_RUN_ARCHIVE, &len);
+	if (!data)
+		return;
+	unpack_archive(data, len);
 	drop(data);
 }
 
@@ -806,7 +817,8 @@ static void write_resolv_conf(const struct dhcp_lease *lease)
 	}
 }
 
-static void configure_dhcp(int sock, const char *nic)
+/* 0 once the NIC has its leased address. */
+static int configure_dhcp(int sock, const char *nic)
 {
 	struct ifreq ifr;
 	memset(&ifr, 0, sizeof ifr);
@@ -814,7 +826,7 @@ static void configure_dhcp(int sock, const char *nic)
 	uint8_t mac[6];
 	if (ioctl(sock, SIOCGIFHWADDR, &ifr) < 0 || interface_up(sock, nic) < 0) {
 		say("unik: cannot bring up %s: %s\n", nic, strerror(errno));
-		return;
+		return -1;
 	}
 	memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
 	/* What is sent before the link has carrier is lost (e1000 negotiates for ~1-2 s), and the
@@ -832,7 +844,7 @@ static void configure_dhcp(int sock, const char *nic)
 		say("unik: no DHCP socket on %s: %s\n", nic, strerror(errno));
 		if (fd >= 0)
 			close(fd);
-		return;
+		return -1;
 	}
 	uint32_t xid;
 	memcpy(&xid, mac + 2, 4);
@@ -845,7 +857,7 @@ static void configure_dhcp(int sock, const char *nic)
 	close(fd);
 	if (!ok) {
 		say("unik: no DHCP lease on %s within %d ms\n", nic, DHCP_WAIT_MS);
-		return;
+		return -1;
 	}
 	if (!lease.mask) /* a server that sends none: the classful default */
 		lease.mask = htonl(IN_CLASSA(ntohl(lease.ip)) ? 0xff000000u :
@@ -862,16 +874,224 @@ static void configure_dhcp(int sock, const char *nic)
 	inet_ntop(AF_INET, &lease.gateway, gw, sizeof gw);
 	say("unik: %s has %s/%d via %s by DHCP (lease %u s)\n", nic, ip,
 	    __builtin_popcount(lease.mask), gw, lease.seconds);
+	return 0;
+}
+
+/*
+ * EC2's instance metadata service (IMDSv2), for disks whose /unik/run/net says config=imds: the
+ * instance's user-data is a run archive, unpacked over the baked one once DHCP has leased an
+ * address. HTTP/1.0, so the service closes after each answer: a session token by PUT, then the
+ * user-data by GET with that token. A fresh instance's service may miss the first packets, so
+ * the whole exchange is retried with back-off for up to IMDS_WAIT_MS in all.
+ */
+#define IMDS_ADDRESS "169.254.169.254"
+#define IMDS_WAIT_MS 10000
+#define IMDS_TRY_MS 2000 /* one request: connect, send, whole answer */
+#define IMDS_MAX_BODY (64 * 1024) /* EC2 itself caps user-data at 16 KB */
+
+/* Headers and body of the last answer, and a NUL; .bss: it costs nothing to boots that never ask. */
+static char imds_buffer[IMDS_MAX_BODY + 4096 + 1];
+
+struct http_answer {
+	int status;
+	char *body;
+	size_t len;
+};
+
+/* 0 once fd is ready for `events` (or has an error to report), -1 with errno at the deadline. */
+static int wait_fd(int fd, short events, long long deadline)
+{
+	for (;;) {
+		long long left = deadline - now_ms();
+		if (left <= 0) {
+			errno = ETIMEDOUT;
+			return -1;
+		}
+		struct pollfd pfd = { fd, events, 0 };
+		int n = poll(&pfd, 1, (int)left);
+		if (n > 0)
+			return 0;
+		if (n < 0 && errno != EINTR)
+			return -1;
+	}
+}
+
+/* Content-Length from the header lines that end before `end`; -1 if none. */
+static long content_length(const char *headers, const char *end)
+{
+	for (const char *line = headers; line && line < end; line = memchr(line, '\n', (size_t)(end - line))) {
+		line += *line == '\n';
+		if (strncasecmp(line, "Content-Length:", 15) == 0)
+			return strtol(line + 15, NULL, 10);
+	}
+	return -1;
+}
+
+/* One request to the metadata service and its whole answer (in imds_buffer); 0, or -1 with why. */
+static int imds_request(const char *request, struct http_answer *answer, long long deadline, char *why, size_t why_len)
+{
+	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(80) };
+	inet_pton(AF_INET, IMDS_ADDRESS, &to.sin_addr);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		snprintf(why, why_len, "no TCP socket: %s", strerror(errno));
+		return -1;
+	}
+	int err = 0;
+	socklen_t err_len = sizeof err;
+	if (connect(fd, (struct sockaddr *)&to, sizeof to) < 0 && errno != EINPROGRESS)
+		err = errno;
+	else if (wait_fd(fd, POLLOUT, deadline) < 0)
+		err = errno;
+	else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &err_len) < 0)
+		err = errno;
+	if (err) {
+		snprintf(why, why_len, "cannot connect to %s: %s", IMDS_ADDRESS, strerror(err));
+		close(fd);
+		return -1;
+	}
+	for (size_t sent = 0, want = strlen(request); sent < want;) {
+		ssize_t n = send(fd, request + sent, want - sent, MSG_NOSIGNAL);
+		if (n > 0) {
+			sent += (size_t)n;
+		} else if ((errno != EAGAIN && errno != EINTR) || wait_fd(fd, POLLOUT, deadline) < 0) {
+			snprintf(why, why_len, "cannot send a request: %s", strerror(errno));
+			close(fd);
+			return -1;
+		}
+	}
+	/* To EOF (HTTP/1.0), or to the end of the body Content-Length announces, whichever is first. */
+	size_t got = 0;
+	char *body = NULL;
+	long expected = -1;
+	for (;;) {
+		if (got == sizeof imds_buffer - 1) {
+			snprintf(why, why_len, "an answer larger than %d KiB", IMDS_MAX_BODY / 1024);
+			close(fd);
+			return -1;
+		}
+		ssize_t n = recv(fd, imds_buffer + got, sizeof imds_buffer - 1 - got, 0);
+		if (n == 0)
+			break;
+		if (n < 0) {
+			if ((errno != EAGAIN && errno != EINTR) || wait_fd(fd, POLLIN, deadline) < 0) {
+				snprintf(why, why_len, "no whole answer: %s", strerror(errno));
+				close(fd);
+				return -1;
+			}
+			continue;
+		}
+		got += (size_t)n;
+		if (!body) {
+			char *end = memmem(imds_buffer, got, "\r\n\r\n", 4);
+			if (end) {
+				body = end + 4;
+				expected = content_length(imds_buffer, end);
+			}
+		}
+		if (body && expected >= 0 && got - (size_t)(body - imds_buffer) >= (size_t)expected)
+			break;
+	}
+	close(fd);
+	imds_buffer[got] = '\0';
+	size_t len = body ? got - (size_t)(body - imds_buffer) : 0;
+	if (!body || sscanf(imds_buffer, "HTTP/%*d.%*d %d", &answer->status) != 1) {
+		snprintf(why, why_len, "not an HTTP answer");
+		return -1;
+	}
+	if (expected >= 0 && len < (size_t)expected) {
+		snprintf(why, why_len, "an answer cut short (%zu of %ld bytes)", len, expected);
+		return -1;
+	}
+	answer->body = body;
+	answer->len = expected >= 0 ? (size_t)expected : len;
+	return 0;
+}
+
+/* The user-data: 1 with *data and *len (in imds_buffer), 0 when there is none, -1 with why. */
+static int imds_user_data(char **data, size_t *len, char *why, size_t why_len)
+{
+	static const char token_request[] = "PUT /latest/api/token HTTP/1.0\r\n"
+					    "Host: " IMDS_ADDRESS "\r\n"
+					    "X-aws-ec2-metadata-token-ttl-seconds: 300\r\n"
+					    "Content-Length: 0\r\n\r\n";
+	long long deadline = now_ms() + IMDS_WAIT_MS;
+	for (int pause_ms = 100;; pause_ms = pause_ms < 1000 ? pause_ms * 2 : 1000) {
+		struct http_answer answer;
+		long long try_deadline = now_ms() + IMDS_TRY_MS < deadline ? now_ms() + IMDS_TRY_MS : deadline;
+		if (imds_request(token_request, &answer, try_deadline, why, why_len) < 0) {
+			/* why is set */
+		} else if (answer.status != 200) {
+			snprintf(why, why_len, "HTTP %d from PUT /latest/api/token", answer.status);
+		} else {
+			char token[256];
+			size_t n = answer.len;
+			while (n && (answer.body[n - 1] == '\n' || answer.body[n - 1] == '\r'))
+				n--;
+			answer.body[n] = '\0';
+			/* It goes into a header line: token characters only (AWS's are base64). */
+			if (n == 0 || n >= sizeof token || strspn(answer.body,
+				"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_.~") != n) {
+				snprintf(why, why_len, "a malformed token from PUT /latest/api/token");
+			} else {
+				memcpy(token, answer.body, n + 1);
+				char request[512];
+				snprintf(request, sizeof request, "GET /latest/user-data HTTP/1.0\r\n"
+					 "Host: " IMDS_ADDRESS "\r\n"
+					 "X-aws-ec2-metadata-token: %s\r\n\r\n", token);
+				try_deadline = now_ms() + IMDS_TRY_MS < deadline ? now_ms() + IMDS_TRY_MS : deadline;
+				if (imds_request(request, &answer, try_deadline, why, why_len) < 0) {
+					/* why is set */
+				} else if (answer.status == 200) {
+					*data = answer.body;
+					*len = answer.len;
+					return 1;
+				} else if (answer.status == 404) {
+					return 0;
+				} else {
+					snprintf(why, why_len, "HTTP %d from GET /latest/user-data", answer.status);
+				}
+			}
+		}
+		if (deadline - now_ms() <= pause_ms)
+			return -1;
+		usleep((useconds_t)pause_ms * 1000);
+	}
+}
+
+/* The run archive in the user-data, then the hostname again: it was set before the network was
+ * up. Env, args, mounts and the stop timeout are read after this; the network is already up. */
+static void imds_run_config(void)
+{
+	char why[160], *data;
+	size_t len;
+	int got = imds_user_data(&data, &len, why, sizeof why);
+	if (got == 0) {
+		say("unik: no user-data in the instance metadata service: the baked run configuration stays\n");
+		return;
+	}
+	if (got > 0 && (len < 6 || memcmp(data, "070701", 6) != 0)) {
+		snprintf(why, sizeof why, "the user-data (%zu bytes) is not a run archive (newc cpio)", len);
+		got = -1;
+	}
+	if (got < 0) {
+		say("unik: no run configuration from the instance metadata service: %s\n", why);
+		return;
+	}
+	unpack_archive(data, len);
+	say("unik: run configuration from the instance metadata service (%zu bytes)\n", len);
+	set_hostname();
 }
 
 static void configure_nic(int sock, const char *conf)
 {
-	char address[32] = "", gateway[32] = "";
+	char address[32] = "", gateway[32] = "", config[16] = "";
 	for (const char *line = conf; *line;) {
 		size_t n = strcspn(line, "\n");
 		/* The host validated these lines; anything else is a newer host's key: ignored. */
 		sscanf(line, "address=%31[^\n]", address);
 		sscanf(line, "gateway=%31[^\n]", gateway);
+		sscanf(line, "config=%15[^\n]", config);
 		line += n + (line[n] == '\n');
 	}
 	int dhcp = strcmp(address, "dhcp") == 0;
@@ -890,7 +1110,8 @@ static void configure_nic(int sock, const char *conf)
 		return;
 	}
 	if (dhcp) {
-		configure_dhcp(sock, nic);
+		if (configure_dhcp(sock, nic) == 0 && strcmp(config, "imds") == 0)
+			imds_run_config();
 		return;
 	}
 	if (*gateway)

@@ -63,6 +63,8 @@ class ImageMeta(BaseModel):
     # hit: restored from the build cache; miss: compiled (and cached); off: not cacheable.
     build_cache: Literal["hit", "miss", "off"] | None = None
     pulled_from: str | None = None
+    # What the provider made of the image elsewhere (an AWS AMI and its snapshot).
+    provider_data: dict[str, str] = Field(default_factory=dict)
 
 
 class VolumeAttachment(BaseModel):
@@ -94,6 +96,8 @@ class LaunchSpec(BaseModel):
     address: str = ""
     # Start as a clone of a VM template when the provider has one (RunInstanceRequest.WarmStart).
     warm_start: bool = False
+    # The image's ImageMeta.provider_data (its AMI on AWS).
+    image_data: dict[str, str] = Field(default_factory=dict)
     # Not stored: volumes come and go after the run, so each boot is told the current ones.
     volumes: list[VolumeAttachment] = Field(default_factory=list, exclude=True)
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unik.artifacts import ArtifactStore
 from unik.errors import NotImplementedByProvider
 from unik.kernel import Kernel
-from unik.models import KERNEL_INITRD, LaunchSpec, PortMapping, VolumeAttachment
+from unik.models import KERNEL_INITRD, ImageMeta, LaunchSpec, PortMapping, VolumeAttachment
 
 __all__ = ["Capability", "LaunchSpec", "Provider", "ProviderConfig", "ProviderContext", "VolumeAttachment"]
 
@@ -114,8 +114,22 @@ class Provider(ABC):
     def debug_port(self, instance_id: str) -> int | None:
         return None
 
-    def forget_image(self, image_id: str) -> None:
-        """The image is gone: drop what the provider keeps of it (its VM templates)."""
+    async def publish_image(self, image_id: str, meta: ImageMeta) -> dict[str, str]:
+        """The image's files are in place: make it bootable on the infrastructure (an AMI, say)
+        before it is recorded. Returns what to keep in `ImageMeta.provider_data`; on failure it
+        leaves nothing behind there."""
+        return {}
+
+    def forget_image(self, image_id: str, meta: ImageMeta) -> None:
+        """The image is gone: drop what the provider keeps of it (its VM templates, its AMI)."""
+        return None
+
+    async def refresh_console(self, instance_id: str) -> None:
+        """Bring console_path() up to date, for consoles that live elsewhere (EC2's)."""
+        return None
+
+    def address_of(self, instance_id: str) -> str | None:
+        """The address the infrastructure gave a running instance, when the daemon did not."""
         return None
 
     def instance_ids(self) -> set[str]:

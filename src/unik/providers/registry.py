@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from unik.providers.aws.config import AwsProviderConfig
 from unik.providers.base import Provider, ProviderConfig, ProviderContext
 from unik.providers.qemu.config import QemuProviderConfig
 
@@ -61,3 +62,4 @@ def create(kind: str, config: ProviderConfig, context: ProviderContext) -> Provi
 
 
 register(ProviderKind("qemu", QemuProviderConfig, "unik.providers.qemu.provider:QemuProvider", in_default_config=True))
+register(ProviderKind("aws", AwsProviderConfig, "unik.providers.aws.provider:AwsProvider"))

@@ -51,7 +51,13 @@ class ImageService:
         with self._reserving(name, force):
             try:
                 image, meta = await produce(image_id, work)
-                self.record(image, meta, force=force)
+                provider = ctx.provider(meta.provider)
+                meta.provider_data = await provider.publish_image(image_id, meta)
+                try:
+                    self.record(image, meta, force=force)
+                except BaseException:
+                    provider.forget_image(image_id, meta)
+                    raise
                 return image
             except BaseException as exc:
                 ctx.artifacts.remove(image_id)
@@ -101,4 +107,4 @@ class ImageService:
         self.ctx.artifacts.remove(record.id)
         provider = self.ctx.providers.get(record.meta.provider)
         if provider is not None:
-            provider.forget_image(record.id)
+            provider.forget_image(record.id, record.meta)

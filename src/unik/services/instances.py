@@ -86,6 +86,7 @@ class InstanceService:
             ports=ports,
             address=guest_address,
             warm_start=request.WarmStart,
+            image_data=image.meta.provider_data,
         )
         record = Record(instance, InstanceMeta(provider=provider.name, spec=spec, no_cleanup=request.NoCleanup,
                                                booted=False))  # fmt: skip
@@ -190,6 +191,7 @@ class InstanceService:
             raise
         record.meta.booted = True
         record.obj.StartedWarm = bool(warm)
+        record.obj.IpAddress = provider.address_of(record.id) or record.obj.IpAddress
         ctx.set_state(record, InstanceState.running)
 
     async def stop(self, ref: str) -> Instance:

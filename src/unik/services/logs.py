@@ -30,7 +30,8 @@ class LogService:
         return record, provider.console_path(record.id), provider
 
     async def read(self, ref: str) -> str:
-        _, path, _ = self._console(ref)
+        record, path, provider = self._console(ref)
+        await provider.refresh_console(record.id)
         return await asyncio.to_thread(_read_text, path)
 
     async def follow(self, ref: str, *, delete: bool = False) -> AsyncIterator[bytes]:
@@ -49,6 +50,7 @@ class LogService:
                 if current is None:
                     return
                 starting = current.obj.State == InstanceState.pending.value
+                await provider.refresh_console(record.id)
                 if not starting and not provider.alive(record.id):
                     tail = await asyncio.to_thread(_read_from, path, position)
                     if tail:

@@ -22,7 +22,7 @@ from unik import guest
 from unik.errors import BadRequest, Conflict, UnikError
 from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.models import PortMapping
+from unik.models import ImageMeta, PortMapping
 from unik.providers.base import Capability, LaunchSpec, Provider, ProviderConfig, ProviderContext, VolumeAttachment
 from unik.providers.network import HOSTFWD_FAILURE, HostNetwork, free_port
 from unik.providers.qemu import control
@@ -221,7 +221,7 @@ class QemuProvider(Provider):
                 raise Conflict(f"a published port is already in use: {message}")
             raise UnikError(f"qemu failed to start: {message}")
 
-    def forget_image(self, image_id: str) -> None:
+    def forget_image(self, image_id: str, meta: ImageMeta) -> None:
         self.warm.templates.remove_image(image_id)
 
     def debug_port(self, instance_id: str) -> int | None:

@@ -31,17 +31,20 @@ Guest protocol (read by init.c, PID 1)::
                             config=imds (only with address=dhcp, see ``DHCP_IMDS``): once leased, init
                             fetches EC2 user-data from the instance metadata service (IMDSv2) and
                             unpacks it as a run archive over this one (hostname, env, args, mounts,
-                            stop timeout; not the network, already up); without user-data (404) or
-                            no answer within ~10 s, the baked run configuration stays
+                            mount and stop timeouts; not the network, already up); without user-data
+                            (404) or no answer within ~10 s, the baked run configuration stays
     /etc/resolv.conf        "nameserver DNS" when the network has a dns
     /unik/run/mounts        volumes to mount before the app starts: "SERIAL MOUNTPOINT FSTYPE" lines
-                            (SERIAL is the virtio-blk serial; FSTYPE ext2/ext4/vfat, or auto)
+                            (SERIAL is the disk's serial: virtio-blk's, or an NVMe controller's such as
+                            an EBS volume's "vol0123..."; FSTYPE ext2/ext4/vfat, or auto)
+    /unik/run/mount_timeout integer seconds (0..3600) to wait for the mounts' disks to appear, all
+                            together (default 15): EBS volumes are attached only once the instance runs
 
-Init's defaults: PATH=/unik:/bin:/usr/bin, HOME=/, stop timeout 5 s. When the app is gone it
-prints ``\\nunik: exit status N\\n`` or ``\\nunik: killed by signal N\\n`` on the console (see
-``EXIT_LINE``), then exits qemu through isa-debug-exit (port 0xf4) with code N, or 128+N for a
-signal, so qemu's own exit status is ``((code << 1) | 1) & 0xff``; without that device it powers
-off (qemu status 0).
+Init's defaults: PATH=/unik:/bin:/usr/bin, HOME=/, stop timeout 5 s, mount timeout 15 s. When the
+app is gone it prints ``\\nunik: exit status N\\n`` or ``\\nunik: killed by signal N\\n`` on the
+console (see ``EXIT_LINE``), then exits qemu through isa-debug-exit (port 0xf4) with code N, or
+128+N for a signal, so qemu's own exit status is ``((code << 1) | 1) & 0xff``; without that device
+it powers off (qemu status 0).
 """
 
 from __future__ import annotations
@@ -66,8 +69,12 @@ __all__ = [
     "CpioWriter",
     "assemble_initrd",
     "ensure_init_binary",
+    "guest_fs_type",
     "run_config_cpio",
 ]
+
+# init.c's bound on /unik/run/mount_timeout (it would ignore a larger value and wait 15 s).
+MAX_MOUNT_TIMEOUT = 3600
 
 # The fw_cfg name of a boot's run archive; init.c reads it under /sys/firmware/qemu_fw_cfg/by_name.
 FW_CFG_RUN_ARCHIVE = "opt/unik/run"
@@ -309,6 +316,7 @@ def run_config_cpio(
     hostname: str | None = None,
     stop_timeout: int | None = None,
     mounts: list[tuple[str, str, str]] | None = None,
+    mount_timeout: int | None = None,
     net: dict[str, str] | None = None,
 ) -> bytes:
     """The per-boot archive (``/unik/run/...``) to concatenate after an image's initrd."""
@@ -334,6 +342,10 @@ def run_config_cpio(
                 raise ValueError(f"bad mount {words!r}: no empty words, no whitespace")
             lines.append(" ".join(words) + "\n")
         w.add_file("unik/run/mounts", "".join(lines).encode())
+    if mount_timeout is not None:
+        if not 0 <= mount_timeout <= MAX_MOUNT_TIMEOUT:
+            raise ValueError(f"mount_timeout must be 0..{MAX_MOUNT_TIMEOUT} seconds")
+        w.add_file("unik/run/mount_timeout", str(int(mount_timeout)).encode() + b"\n")
     if net is not None:
         w.add_file("unik/run/net", _net_lines(net))
         if "dns" in net:
@@ -342,6 +354,11 @@ def run_config_cpio(
             w.add_file("etc/resolv.conf", f"nameserver {net['dns']}\n".encode())
     w.close()
     return buf.getvalue()
+
+
+def guest_fs_type(fs_type: str) -> str:
+    """The guest's name for a volume's filesystem (a /unik/run/mounts FSTYPE); raw disks are probed."""
+    return {"fat": "vfat", "raw": "auto"}.get(fs_type, fs_type)
 
 
 NET_KEYS = ("address", "gateway", "dns")

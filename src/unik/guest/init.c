@@ -10,6 +10,9 @@
  *   /unik/run/env          per-boot environment: applied after /unik/env, wins on conflicts
  *   /unik/run/hostname     per-boot hostname, one line
  *   /unik/run/stop_timeout seconds between SIGTERM and SIGKILL on a graceful stop (default 5)
+ *   /unik/run/mounts       volumes to mount before the app: "SERIAL MOUNTPOINT FSTYPE" lines
+ *   /unik/run/mount_timeout seconds to wait for each boot volume's disk to appear (default 15,
+ *                          at most 3600): an EBS volume is attached only once the instance runs
  *   /unik/run/net          per-boot network: address=A.B.C.D/N, gateway=... lines (and dns=,
  *                          read only by older images' inits: /etc/resolv.conf is in the archive),
  *                          or address=dhcp: ask the network's DHCP server (bootable disks);
@@ -36,6 +39,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -303,16 +307,22 @@ static void set_hostname(void)
 	drop(name);
 }
 
-static int stop_timeout(void)
+/* A per-boot number of seconds; the default when the file is absent, malformed or out of range. */
+static int run_seconds(const char *path, int max, int fallback)
 {
-	char *text = slurp("/unik/run/stop_timeout", NULL);
+	char *text = slurp(path, NULL);
 	if (!text)
-		return DEFAULT_STOP_TIMEOUT;
+		return fallback;
 	char *end;
 	long v = strtol(text, &end, 10);
-	int ok = end != text && v >= 0 && v <= 86400;
+	int ok = end != text && v >= 0 && v <= max;
 	drop(text);
-	return ok ? (int)v : DEFAULT_STOP_TIMEOUT;
+	return ok ? (int)v : fallback;
+}
+
+static int stop_timeout(void)
+{
+	return run_seconds("/unik/run/stop_timeout", 86400, DEFAULT_STOP_TIMEOUT);
 }
 
 
@@ -324,17 +334,41 @@ static long long now_ms(void)
 }
 
 /*
- * Volumes. A volume is a virtio-blk disk whose serial is the volume's id (the first 20
- * characters: virtio-blk's limit), so init finds it under /sys/block/vd<x>/serial whatever
- * order the disks were probed in. At boot /unik/run/mounts lists "SERIAL MOUNTPOINT FSTYPE"
- * lines; while the app runs the daemon sends the same words as "TAG mount ..." over the control
- * channel, and "TAG umount MOUNTPOINT" before it unplugs a disk.
+ * Volumes. A volume is a disk whose serial is the volume's id, so init finds it whatever order
+ * the disks were probed in: a virtio-blk disk says it in /sys/block/vd<x>/serial (the id's first
+ * 20 characters: virtio-blk's limit), an NVMe one (an EBS volume: "vol" and the id's hex digits)
+ * in /sys/block/nvme<x>n<y>/device/serial, the controller's, which NVMe pads with spaces.
+ * At boot /unik/run/mounts lists "SERIAL MOUNTPOINT FSTYPE" lines; while the app runs the daemon
+ * sends the same words as "TAG mount ..." over the control channel, and "TAG umount MOUNTPOINT"
+ * before it unplugs a disk.
  */
 #define MAX_MOUNTS 64
 #define DISK_WAIT_MS 15000
+#define MAX_MOUNT_TIMEOUT 3600
 
 static char *mounted[MAX_MOUNTS];
 
+/* 1 if the sysfs file holds this serial, trailing whitespace aside; 0 if not or if it is absent.
+ * A stack buffer, not slurp(): this runs every 20 ms while a disk is awaited, and arena blocks
+ * are never reused. */
+static int serial_is(const char *path, const char *serial)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	char text[128];
+	ssize_t n = read(fd, text, sizeof text - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	while (n > 0 && (text[n - 1] == '\0' || isspace((unsigned char)text[n - 1])))
+		n--;
+	text[n] = '\0';
+	return strcmp(text, serial) == 0;
+}
+
+/* The one lookup of boot volumes and hot-plugged ones: virtio-blk's own serial file first (the
+ * usual disk, one open per disk), then the device's (NVMe, and any other driver that has one). */
 static int find_disk(const char *serial, char *dev, size_t devlen)
 {
 	DIR *dir = opendir("/sys/block");
@@ -343,22 +377,29 @@ static int find_disk(const char *serial, char *dev, size_t devlen)
 	struct dirent *entry;
 	int found = -1;
 	while (found < 0 && (entry = readdir(dir)) != NULL) {
-		if (strncmp(entry->d_name, "vd", 2) != 0)
+		if (entry->d_name[0] == '.')
 			continue;
 		char path[300];
 		snprintf(path, sizeof path, "/sys/block/%s/serial", entry->d_name);
-		char *text = slurp(path, NULL);
-		if (!text)
-			continue;
-		text[strcspn(text, "\r\n")] = '\0';
-		if (strcmp(text, serial) == 0) {
+		int match = serial_is(path, serial);
+		if (!match && strncmp(entry->d_name, "vd", 2) != 0) {
+			snprintf(path, sizeof path, "/sys/block/%s/device/serial", entry->d_name);
+			match = serial_is(path, serial);
+		}
+		if (match) {
 			snprintf(dev, devlen, "/dev/%s", entry->d_name);
 			found = 0;
 		}
-		drop(text);
 	}
 	closedir(dir);
 	return found;
+}
+
+/* A graceful stop (SIGINT, SIGTERM: blocked, so pending) must not wait out a long disk wait. */
+static int stop_pending(void)
+{
+	sigset_t pending;
+	return sigpending(&pending) == 0 && (sigismember(&pending, SIGINT) || sigismember(&pending, SIGTERM));
 }
 
 static void mkdirs(const char *path)
@@ -375,16 +416,23 @@ static void mkdirs(const char *path)
 	mkdir(buf, 0755);
 }
 
-/* Mount the disk with this serial; returns 0, or an errno-style code with *why set. */
-static int mount_volume(const char *serial, const char *target, const char *fstype, const char **why)
+/* Mount the disk with this serial, waiting up to wait_ms for it to appear; returns 0, or an
+ * errno-style code with *why set. */
+static int mount_volume(const char *serial, const char *target, const char *fstype, long long wait_ms,
+			const char **why)
 {
 	char dev[300];
-	long long deadline = now_ms() + DISK_WAIT_MS;
-	/* A hot-plugged disk shows up a little after the host added it. */
+	long long deadline = now_ms() + wait_ms;
+	/* A hot-plugged disk shows up a little after the host added it; an EBS volume seconds after
+	 * the boot (EC2 attaches it once the instance runs). */
 	while (find_disk(serial, dev, sizeof dev) < 0) {
 		if (now_ms() > deadline) {
 			*why = "no disk with that serial appeared";
 			return ENODEV;
+		}
+		if (stop_pending()) {
+			*why = "stopped while waiting for its disk";
+			return ECANCELED;
 		}
 		usleep(20000);
 	}
@@ -434,13 +482,17 @@ static int mount_boot_volumes(void)
 	if (!list)
 		return 0;
 	int failed = 0;
+	/* One deadline for them all: EC2 attaches a boot's volumes together. */
+	int wait_s = run_seconds("/unik/run/mount_timeout", MAX_MOUNT_TIMEOUT, DISK_WAIT_MS / 1000);
+	long long deadline = now_ms() + wait_s * 1000LL;
 	char *save;
 	for (char *line = strtok_r(list, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
 		char serial[64], target[256], fstype[32];
 		if (sscanf(line, "%63s %255s %31s", serial, target, fstype) != 3)
 			continue;
 		const char *why = "";
-		if (mount_volume(serial, target, fstype, &why) != 0) {
+		long long left = deadline - now_ms();
+		if (mount_volume(serial, target, fstype, left > 0 ? left : 0, &why) != 0) {
 			say("unik: cannot mount volume %s on %s: %s\n", serial, target, why);
 			failed = 1;
 		}
@@ -516,7 +568,7 @@ static void handle_command(int fd, char *line)
 	if (strcmp(verb, "ping") == 0) {
 		/* liveness only */
 	} else if (n == 4 && strcmp(verb, "mount") == 0) {
-		err = mount_volume(a, b, c, &why);
+		err = mount_volume(a, b, c, DISK_WAIT_MS, &why); /* the daemon plugged the disk first */
 	} else if (n == 2 && strcmp(verb, "umount") == 0) {
 		err = unmount_volume(a, &why);
 	} else if (n == 1 && strcmp(verb, "listening") == 0) {

@@ -5,7 +5,7 @@ and run_instances' parameters, the user-data) is asserted here."""
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import contextlib
 import shutil
 import subprocess
@@ -22,10 +22,8 @@ from fastapi.testclient import TestClient
 from tests.conftest import hello_tgz, services_of  # noqa: F401 - hello_tgz is a fixture
 from unik.artifacts.disk import missing_disk_tools
 from unik.daemon import build_app
-from unik.errors import NotImplementedByProvider
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.models import LaunchSpec, VolumeAttachment
 from unik.providers.aws.provider import TAG_DAEMON, TAG_INSTANCE, AwsProvider
 from unik.providers.network import free_port
 
@@ -138,12 +136,14 @@ def eventually(check: Any, timeout: float = 15.0) -> None:
 
 @needs_disks
 def test_the_whole_flow_on_ec2(
+    caplog: pytest.LogCaptureFixture,
     aws_env: None,
     moto_url: str,
     data_dir: Path,
     tmp_path: Path,
     hello_tgz: bytes,  # noqa: F811
 ) -> None:
+    caplog.set_level("INFO", logger="unik.providers.aws.provider")
     ec2, ebs = client("ec2", moto_url), client("ebs", moto_url)
     sent: dict[str, dict[str, Any]] = {}
     with aws_daemon(data_dir, moto_url) as api:
@@ -201,7 +201,8 @@ def test_the_whole_flow_on_ec2(
         assert api.post("/instances/web1/stop").status_code == 200
         assert api.get("/instances/web1").json()["State"] == "stopped"
         assert ec2_instance(ec2, instance["Id"])["State"]["Name"] == "stopped"
-        assert api.post("/instances/web1/start").status_code == 200
+        started = api.post("/instances/web1/start")
+        assert started.status_code == 200, started.text
         assert ec2_instance(ec2, instance["Id"])["State"]["Name"] == "running"
         assert ec2_instance(ec2, instance["Id"])["InstanceId"] == launched["InstanceId"]  # the same instance
 
@@ -211,6 +212,7 @@ def test_the_whole_flow_on_ec2(
         # Terminated behind the daemon's back: the instance reads stopped.
         ec2.terminate_instances(InstanceIds=[launched["InstanceId"]])
         eventually(lambda: api.get("/instances/web1").json()["State"] == "stopped")
+        assert f"EC2 instance {launched['InstanceId']} of {instance['Id']} is terminated" in caplog.text
         assert api.delete("/instances/web1").status_code == 204
         assert api.delete("/images/hello").status_code == 204
         assert ec2.describe_images(ImageIds=[ami]).get("Images", []) == [] or pytest.fail("AMI kept")
@@ -235,8 +237,66 @@ def test_aws_is_a_provider_with_its_compilers(aws_env: None, moto_url: str, data
         assert "linux-c-aws" in api.get("/available_compilers").json()
 
 
-def test_volumes_are_refused_rather_than_ignored(aws_env: None, moto_url: str, data_dir: Path) -> None:
-    volume = VolumeAttachment(serial="s1", path=str(data_dir / "v.img"), mount="/data", fs_type="ext4")
-    spec = LaunchSpec(image_id="i", memory_mb=128, image_data={"ami": "ami-1"}, volumes=[volume])
-    with aws_daemon(data_dir, moto_url) as api, pytest.raises(NotImplementedByProvider, match="volumes"):
-        asyncio.run(aws_of(api).launch("x", spec))
+@needs_disks
+def test_volumes_are_ebs_volumes_attached_at_boot_and_while_stopped(
+    aws_env: None,
+    moto_url: str,
+    data_dir: Path,
+    hello_tgz: bytes,  # noqa: F811
+) -> None:
+    ec2 = client("ec2", moto_url)
+    sent: list[dict[str, Any]] = []
+    with aws_daemon(data_dir, moto_url) as api:
+        provider = aws_of(api)
+        provider.ec2.meta.events.register(
+            "provide-client-params.ec2.ModifyInstanceAttribute", lambda params, **_: sent.append(dict(params))
+        )
+        built = api.post("/images/web/create?base=linux&lang=c&provider=aws&mounts=/data",
+                         files={"tarfile": ("a.tgz", hello_tgz)})  # fmt: skip
+        assert built.status_code == 201, built.text
+        for name in ("data", "spare"):
+            made = api.post(f"/volumes/{name}?size=8&provider=aws&type=ext4")
+            assert made.status_code == 201, made.text
+        store = services_of(api).ctx.store
+        data_ebs = store.volumes.find("data").meta.provider_data["volume"]
+        spare_ebs = store.volumes.find("spare").meta.provider_data["volume"]
+        assert ec2.describe_volumes(VolumeIds=[data_ebs])["Volumes"][0]["State"] == "available"
+
+        ran = api.post("/instances/run", json={"InstanceName": "w", "ImageName": "web", "Mounts": {"/data": "data"}})
+        assert ran.status_code == 201, ran.text
+        ec2_id = ec2_instance(ec2, ran.json()["Id"])["InstanceId"]
+        (attachment,) = ec2.describe_volumes(VolumeIds=[data_ebs])["Volumes"][0]["Attachments"]
+        assert (attachment["InstanceId"], attachment["Device"]) == (ec2_id, "/dev/sdf")
+
+        # While it runs, a volume cannot be hot-plugged into an EC2 guest (no channel to mount it).
+        hot = api.post("/volumes/spare/attach/w?mount=/spare")
+        assert hot.status_code == 501, hot.text
+        # Stopped, it can: attached to the EC2 instance, mounted by the guest at the next start.
+        assert api.post("/instances/w/stop").status_code == 200
+        assert api.post("/volumes/spare/attach/w?mount=/spare").status_code == 202
+        assert api.post("/volumes/data/detach").status_code == 202
+        assert api.post("/instances/w/start").status_code == 200
+        assert ec2.describe_volumes(VolumeIds=[data_ebs])["Volumes"][0]["State"] == "available"
+        assert ec2.describe_volumes(VolumeIds=[spare_ebs])["Volumes"][0]["Attachments"][0]["InstanceId"] == ec2_id
+        user_data = base64.b64decode(sent[-1]["UserData"]["Value"])
+        assert f"{spare_ebs.replace('-', '')} /spare ext4".encode() in user_data  # the guest finds it by serial
+        assert data_ebs.replace("-", "").encode() not in user_data
+
+        assert api.delete("/instances/w?force=true").status_code == 204
+        assert api.delete("/volumes/spare").status_code == 204
+        assert api.delete("/volumes/data").status_code == 204
+        assert ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_DAEMON}", "Values": [provider.daemon_id]}])[
+            "Volumes"
+        ] == []
+
+
+def test_a_snapshot_whose_upload_was_cut_short_is_deleted_at_start(
+    aws_env: None, moto_url: str, data_dir: Path
+) -> None:
+    ebs, ec2 = client("ebs", moto_url), client("ec2", moto_url)
+    orphan = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    (data_dir / "aws" / "uploads").mkdir(parents=True)
+    (data_dir / "aws" / "uploads" / orphan).touch()  # what a daemon killed mid-upload leaves
+    with aws_daemon(data_dir, moto_url):
+        assert not (data_dir / "aws" / "uploads" / orphan).exists()
+    assert orphan not in [s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]]

@@ -76,6 +76,8 @@ class VolumeAttachment(BaseModel):
     path: str
     mount: str
     fs_type: str
+    # The volume's VolumeMeta.provider_data (its EBS volume on AWS).
+    provider_data: dict[str, str] = Field(default_factory=dict)
 
 
 class LaunchSpec(BaseModel):
@@ -113,5 +115,7 @@ class InstanceMeta(BaseModel):
 class VolumeMeta(BaseModel):
     provider: str
     fs_type: str
+    # What the provider made of the volume elsewhere (an EBS volume and its snapshot).
+    provider_data: dict[str, str] = Field(default_factory=dict)
     # Where the attached instance mounts it; None while detached.
     mount: str | None = None

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unik.artifacts import ArtifactStore
 from unik.errors import NotImplementedByProvider
 from unik.kernel import Kernel
-from unik.models import KERNEL_INITRD, ImageMeta, LaunchSpec, PortMapping, VolumeAttachment
+from unik.models import KERNEL_INITRD, ImageMeta, LaunchSpec, PortMapping, VolumeAttachment, VolumeMeta
 
 __all__ = ["Capability", "LaunchSpec", "Provider", "ProviderConfig", "ProviderContext", "VolumeAttachment"]
 
@@ -122,6 +122,15 @@ class Provider(ABC):
 
     def forget_image(self, image_id: str, meta: ImageMeta) -> None:
         """The image is gone: drop what the provider keeps of it (its VM templates, its AMI)."""
+        return None
+
+    async def publish_volume(self, volume_id: str, disk: Path) -> dict[str, str]:
+        """The volume's disk file is made: make it a disk of the infrastructure (an EBS volume).
+        Returns what to keep in `VolumeMeta.provider_data`; on failure it leaves nothing there."""
+        return {}
+
+    def forget_volume(self, volume_id: str, meta: VolumeMeta) -> None:
+        """The volume is deleted: drop what the provider made of it."""
         return None
 
     async def refresh_console(self, instance_id: str) -> None:

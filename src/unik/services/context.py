@@ -105,6 +105,7 @@ class Context:
             path=str(self.volume_disk(volume.id)),
             mount=volume.meta.mount or "",
             fs_type=volume.meta.fs_type,
+            provider_data=volume.meta.provider_data,
         )
 
     def attachments(self, instance_id: str) -> list[VolumeAttachment]:

@@ -65,7 +65,13 @@ class VolumeService:
             disk.rename(ctx.volume_disk(volume_id))
             volume = Volume(Id=volume_id, Name=name, SizeMb=size, Attachment="",
                             Infrastructure=provider.infrastructure, Created=now_rfc3339())  # fmt: skip
-            ctx.store.volumes.insert(Record(volume, VolumeMeta(provider=provider.name, fs_type=kind)))
+            meta = VolumeMeta(provider=provider.name, fs_type=kind)
+            meta.provider_data = await provider.publish_volume(volume_id, ctx.volume_disk(volume_id))
+            try:
+                ctx.store.volumes.insert(Record(volume, meta))
+            except BaseException:
+                await asyncio.to_thread(provider.forget_volume, volume_id, meta)
+                raise
             log.info("created %s volume %s (%s, %d MB) in %s", kind, name, volume_id, size, final)
             return volume
         except BaseException as exc:
@@ -92,6 +98,9 @@ class VolumeService:
             if record.obj.Attachment:
                 raise Conflict(f"volume {record.name!r} was attached again meanwhile")
         self.ctx.store.volumes.delete(record.id)
+        provider = self.ctx.providers.get(record.meta.provider)
+        if provider is not None:
+            await asyncio.to_thread(provider.forget_volume, record.id, record.meta)
         await asyncio.to_thread(shutil.rmtree, self.ctx.volume_disk(record.id).parent, True)
         log.info("deleted volume %s (%s)", record.name, record.id)
 

@@ -12,6 +12,9 @@ class AwsProviderConfig(ProviderConfig):
     # An EC2- and EBS-compatible endpoint instead of AWS's (a private cloud, or tests' moto).
     endpoint_url: str | None = None
     subnet_id: str | None = None
+    # Where EBS volumes are made and instances placed (they must share a zone): default the
+    # subnet's zone, else the region's first ("a").
+    availability_zone: str | None = None
     security_group_ids: list[str] = Field(default_factory=list)
     instance_type: str = "t3.micro"
     key_name: str | None = None
@@ -25,3 +28,6 @@ class AwsProviderConfig(ProviderConfig):
     describe_interval: float = Field(default=2.0, gt=0)
     # An instance's console (get_console_output) is fetched at most this often.
     console_interval: float = Field(default=5.0, ge=0)
+    # How long the guest waits at boot for its EBS volumes, which EC2 attaches only once the
+    # instance runs.
+    volume_wait: int = Field(default=180, gt=0, le=3600)

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import math
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,13 @@ GIB = 1 << 30
 BLOCK_SIZE = 512 * 1024
 
 
-def upload_snapshot(ebs: Any, disk: Path, *, description: str, tags: dict[str, str], threads: int) -> str:
+def upload_snapshot(
+    ebs: Any, disk: Path, *, description: str, tags: dict[str, str], threads: int, pending: Path
+) -> str:
     """The snapshot id of `disk` uploaded; on failure the caller deletes the snapshot it names
-    in the raised exception's `snapshot_id` attribute (when it got that far)."""
+    in the raised exception's `snapshot_id` attribute (when it got that far). While it runs, a
+    file named after the snapshot lies in `pending`: a daemon that dies meanwhile finds it at
+    its next start and deletes that unfinished snapshot (EBS cannot resume one)."""
     size = disk.stat().st_size
     started = ebs.start_snapshot(
         VolumeSize=max(1, math.ceil(size / GIB)),
@@ -36,14 +41,23 @@ def upload_snapshot(ebs: Any, disk: Path, *, description: str, tags: dict[str, s
         Timeout=60,
     )
     snapshot_id = started["SnapshotId"]
+    marker = pending / snapshot_id
+    pending.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     block_size = BLOCK_SIZE
     try:
         began = time.perf_counter()
         count = math.ceil(size / block_size)
+        done = [0]
+        lock = threading.Lock()
         with ThreadPoolExecutor(threads, thread_name_prefix="ebs-upload") as pool:
 
             def put(index: int) -> int:
                 data = _block(disk, index, block_size)
+                with lock:
+                    done[0] += 1
+                    if done[0] % max(1, count // 10) == 0:
+                        log.info("snapshot %s: %d of %d blocks read", snapshot_id, done[0], count)
                 if data == bytes(len(data)):
                     return 0
                 ebs.put_snapshot_block(
@@ -65,7 +79,20 @@ def upload_snapshot(ebs: Any, disk: Path, *, description: str, tags: dict[str, s
     except BaseException as exc:
         exc.snapshot_id = snapshot_id  # type: ignore[attr-defined]
         raise
+    finally:
+        marker.unlink(missing_ok=True)
     return snapshot_id
+
+
+def delete_unfinished(ec2: Any, pending: Path) -> None:
+    """Snapshots whose upload a previous run of the daemon did not finish."""
+    for marker in pending.glob("snap-*") if pending.is_dir() else []:
+        try:
+            ec2.delete_snapshot(SnapshotId=marker.name)
+            log.info("deleted snapshot %s: its upload was cut short", marker.name)
+        except Exception as exc:
+            log.warning("snapshot %s of an upload cut short not deleted: %s", marker.name, exc)
+        marker.unlink(missing_ok=True)
 
 
 def _block(disk: Path, index: int, block_size: int) -> bytes:

@@ -44,7 +44,9 @@ def translate(exc: Exception) -> UnikError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown"))
         operation = exc.operation_name
-        cls = _BY_CODE.get(code) or (NotFound if "NotFound" in code or code.endswith(".Malformed") else BadGateway)
+        cls = _BY_CODE.get(code) or (
+            NotFound if "NotFound" in code else BadRequest if code.endswith(".Malformed") else BadGateway
+        )
         return cls(f"AWS {operation}: {code}: {error.get('Message', '')}".rstrip(": "))
     if isinstance(exc, EndpointConnectionError):
         return BadGateway(f"AWS is unreachable: {exc}")

@@ -13,8 +13,10 @@ for all of them, refreshed in the background; the console from `get_console_outp
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -26,18 +28,18 @@ from botocore.config import Config
 
 from unik import guest
 from unik.artifacts.disk import build_raw_disk, missing_disk_tools
-from unik.errors import Conflict, NotImplementedByProvider, UnikError
+from unik.errors import BadRequest, Conflict, NotImplementedByProvider, UnikError
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.models import ImageMeta
+from unik.models import ImageMeta, VolumeAttachment, VolumeMeta
 from unik.providers.aws.config import AwsProviderConfig
-from unik.providers.aws.ebs import upload_snapshot
+from unik.providers.aws.ebs import GIB, delete_unfinished, upload_snapshot
 from unik.providers.aws.errors import aws_errors, translate
 from unik.providers.base import LaunchSpec, Provider, ProviderConfig, ProviderContext
 
 log = logging.getLogger(__name__)
 
-TAG_DAEMON, TAG_INSTANCE, TAG_IMAGE = "unik:daemon", "unik:instance", "unik:image"
+TAG_DAEMON, TAG_INSTANCE, TAG_IMAGE, TAG_VOLUME = "unik:daemon", "unik:instance", "unik:image", "unik:volume"
 LIVE = ("pending", "running")
 ROOT_DEVICE = "/dev/xvda"
 # Deadlines on every call: an unreachable endpoint fails an API call, it never hangs it.
@@ -71,6 +73,9 @@ class AwsProvider(Provider):
         self._described_at: float | None = None
         self._poller: asyncio.Task[None] | None = None
         self._console_at: dict[str, float] = {}
+        self._zone: str | None = config.availability_zone
+        self.pending_uploads = self.root / "uploads"
+        delete_unfinished(self.ec2, self.pending_uploads)
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -120,9 +125,7 @@ class AwsProvider(Provider):
             build_raw_disk(self.kernel().bzimage, initrd, " ".join(BOOT_ARGS), disk)
             tags = self._tags(**{TAG_IMAGE: image_id})
             try:
-                snapshot_id = upload_snapshot(
-                    self.ebs, disk, description=f"unik image {image_id}", tags=tags, threads=self.config.upload_threads
-                )
+                snapshot_id = self._upload(disk, f"unik image {image_id}", tags)
             except Exception as exc:
                 snapshot_id = getattr(exc, "snapshot_id", "")
                 raise
@@ -136,6 +139,12 @@ class AwsProvider(Provider):
             raise translate(exc) if not isinstance(exc, UnikError) else exc from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _upload(self, disk: Path, description: str, tags: dict[str, str]) -> str:
+        return upload_snapshot(
+            self.ebs, disk, description=description, tags=tags, threads=self.config.upload_threads,
+            pending=self.pending_uploads,
+        )  # fmt: skip
 
     def _register(self, image_id: str, snapshot_id: str, tags: dict[str, str]) -> str:
         root = {"SnapshotId": snapshot_id, "VolumeType": "gp3", "DeleteOnTermination": True}
@@ -167,11 +176,11 @@ class AwsProvider(Provider):
     # -- instances ------------------------------------------------------------------------------
 
     async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
-        if spec.volumes:
-            raise NotImplementedByProvider("provider aws cannot attach volumes yet (EBS volumes are to come)")
         ami = spec.image_data.get("ami")
         if not ami:
             raise UnikError(f"image {spec.image_id} has no AMI (was it built for provider aws?)")
+        if missing := [v.mount for v in spec.volumes if not v.provider_data.get("volume")]:
+            raise BadRequest(f"the volumes at {', '.join(missing)} are not EBS volumes: create them with provider aws")
         await asyncio.to_thread(self._launch, instance_id, spec, ami)
         self._ensure_poller()
         return False
@@ -182,11 +191,18 @@ class AwsProvider(Provider):
         state = existing["State"]["Name"] if existing else None
         if state in LIVE:
             return
-        if state in ("stopping", "stopped"):
+        user_data = self._user_data(spec)
+        if existing is not None and state in ("stopping", "stopped"):
             self._wait(instance_id, ("stopped",))
-            self.ec2.start_instances(InstanceIds=[existing["InstanceId"]])  # type: ignore[index]
+            ec2_id = existing["InstanceId"]
+            # Volumes attached or detached while it was stopped: its mounts and disks follow.
+            # Unlike run_instances' UserData, botocore sends this blob as it is: EC2 wants base64.
+            encoded = base64.b64encode(user_data)
+            self.ec2.modify_instance_attribute(InstanceId=ec2_id, UserData={"Value": encoded})
+            self._attach_volumes(ec2_id, spec.volumes)
+            self.ec2.start_instances(InstanceIds=[ec2_id])
+            self._wait(instance_id, ("running",))
         else:
-            user_data = guest.run_config_cpio(env=spec.env, args=spec.args, hostname=spec.hostname or None)
             tags = self._tags(**{TAG_INSTANCE: instance_id, TAG_IMAGE: spec.image_id, "Name": spec.hostname})
             params: dict[str, Any] = {
                 "ImageId": ami,
@@ -207,8 +223,91 @@ class AwsProvider(Provider):
                 params["SecurityGroupIds"] = self.config.security_group_ids
             if self.config.key_name:
                 params["KeyName"] = self.config.key_name
+            if not self.config.subnet_id:  # a subnet places the instance (and its zone) itself
+                params["Placement"] = {"AvailabilityZone": self._availability_zone()}
             self.ec2.run_instances(**params)
-        self._wait(instance_id, ("running",))
+            found = self._wait(instance_id, ("running",))
+            # EC2 attaches volumes only to a running (or stopped) instance: the guest waits for them.
+            self._attach_volumes(found["InstanceId"], spec.volumes)
+
+    def _user_data(self, spec: LaunchSpec) -> bytes:
+        """The run archive the guest fetches from the metadata service; EBS disks by their serial."""
+        mounts = [(_ebs_serial(v), v.mount, guest.guest_fs_type(v.fs_type)) for v in spec.volumes]
+        return guest.run_config_cpio(
+            env=spec.env, args=spec.args, hostname=spec.hostname or None, mounts=mounts,
+            mount_timeout=self.config.volume_wait if mounts else None,
+        )  # fmt: skip
+
+    def _attach_volumes(self, ec2_id: str, volumes: list[VolumeAttachment]) -> None:
+        """Exactly `volumes` attached to the instance: the daemon's others detached, these attached."""
+        wanted = {v.provider_data.get("volume", "") for v in volumes}
+        attached = self.ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [ec2_id]},
+                                                      *self._filters()])["Volumes"]  # fmt: skip
+        have = {v["VolumeId"] for v in attached}
+        for volume_id in have - wanted:
+            self.ec2.detach_volume(VolumeId=volume_id, InstanceId=ec2_id)
+            self._wait_volume(volume_id, "available")
+        for index, volume in enumerate(volumes):
+            volume_id = volume.provider_data["volume"]
+            if volume_id not in have:
+                self.ec2.attach_volume(VolumeId=volume_id, InstanceId=ec2_id, Device=f"/dev/sd{chr(ord('f') + index)}")
+                self._wait_volume(volume_id, "in-use")
+
+    def _wait_volume(self, volume_id: str, state: str) -> None:
+        deadline = time.monotonic() + self.config.state_timeout
+        while (now := self.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"]) != state:
+            if time.monotonic() > deadline:
+                raise Conflict(f"EBS volume {volume_id} is {now}, not {state}")
+            time.sleep(STATE_POLL)
+
+    def _availability_zone(self) -> str:
+        if self._zone is None:
+            if self.config.subnet_id:
+                subnets = self.ec2.describe_subnets(SubnetIds=[self.config.subnet_id])["Subnets"]
+                self._zone = str(subnets[0]["AvailabilityZone"])
+            else:
+                self._zone = f"{self.config.region}a"
+        return self._zone
+
+    # -- volumes: EBS volumes made from the volume's filesystem image ------------------------------
+
+    async def publish_volume(self, volume_id: str, disk: Path) -> dict[str, str]:
+        return await asyncio.to_thread(self._publish_volume, volume_id, disk)
+
+    @aws_errors
+    def _publish_volume(self, volume_id: str, disk: Path) -> dict[str, str]:
+        tags = self._tags(**{TAG_VOLUME: volume_id})
+        tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+        try:
+            snapshot = self._upload(disk, f"unik volume {volume_id}", tags)
+        except Exception as exc:
+            if snapshot_id := getattr(exc, "snapshot_id", ""):
+                with contextlib.suppress(Exception):
+                    self.ec2.delete_snapshot(SnapshotId=snapshot_id)
+            raise
+        try:
+            created = self.ec2.create_volume(
+                AvailabilityZone=self._availability_zone(), SnapshotId=snapshot, VolumeType="gp3",
+                Size=max(1, math.ceil(disk.stat().st_size / GIB)),
+                TagSpecifications=[{"ResourceType": "volume", "Tags": tag_list}],
+            )  # fmt: skip
+            self._wait_volume(created["VolumeId"], "available")
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.ec2.delete_snapshot(SnapshotId=snapshot)
+            raise
+        log.info("volume %s is EBS volume %s (snapshot %s)", volume_id, created["VolumeId"], snapshot)
+        return {"volume": created["VolumeId"], "snapshot": snapshot}
+
+    def forget_volume(self, volume_id: str, meta: VolumeMeta) -> None:
+        ebs_volume, snapshot = meta.provider_data.get("volume"), meta.provider_data.get("snapshot")
+        try:
+            if ebs_volume:
+                self.ec2.delete_volume(VolumeId=ebs_volume)
+            if snapshot:
+                self.ec2.delete_snapshot(SnapshotId=snapshot)
+        except Exception as exc:
+            log.warning("volume %s: EBS volume %s or snapshot %s not removed: %s", volume_id, ebs_volume, snapshot, exc)
 
     async def stop(self, instance_id: str) -> None:
         await asyncio.to_thread(self._stop, instance_id)
@@ -285,16 +384,23 @@ class AwsProvider(Provider):
                     unik_id = tags.get(TAG_INSTANCE)
                     if unik_id and (unik_id not in seen or instance["State"]["Name"] != "terminated"):
                         seen[unik_id] = instance
+        for unik_id, instance in seen.items():
+            before = self._instances.get(unik_id, {}).get("State", {}).get("Name")
+            now = instance["State"]["Name"]
+            if before in LIVE and now not in LIVE:
+                # Ended outside the daemon (or by EC2 itself): the log says why, as EC2 does.
+                reason = instance.get("StateReason", {}).get("Message") or instance.get("StateTransitionReason", "")
+                log.info("EC2 instance %s of %s is %s: %s", instance["InstanceId"], unik_id, now, reason or "no reason")
         self._instances = seen
         self._described_at = time.monotonic()
 
-    def _wait(self, instance_id: str, states: tuple[str, ...]) -> None:
+    def _wait(self, instance_id: str, states: tuple[str, ...]) -> dict[str, Any]:
         deadline = time.monotonic() + self.config.state_timeout
         while True:
             found = self._find(instance_id)
             state = found["State"]["Name"] if found else "gone"
-            if state in states:
-                return
+            if found is not None and state in states:
+                return found
             if state in ("terminated", "gone") or time.monotonic() > deadline:
                 reason = (found or {}).get("StateReason", {}).get("Message", "")
                 wanted = " or ".join(states)
@@ -344,3 +450,8 @@ class AwsProvider(Provider):
         overlap = next((n for n in range(min(len(had), len(output)), 0, -1) if had.endswith(output[:n])), 0)
         with open(path, "a") as f:
             f.write(output[overlap:])
+
+
+def _ebs_serial(volume: VolumeAttachment) -> str:
+    """The serial a Nitro instance's NVMe disk of an EBS volume has: the volume id without its dash."""
+    return volume.provider_data.get("volume", "").replace("-", "")

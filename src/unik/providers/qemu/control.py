@@ -44,9 +44,6 @@ def disk_device(volume: VolumeAttachment) -> Device:
     return Device("virtio-blk-pci", {"drive": _node_name(volume), "id": _device_id(volume), "serial": volume.serial})
 
 
-def guest_fs_type(fs_type: str) -> str:
-    """The guest's name for a volume's filesystem; raw disks are probed."""
-    return {"fat": "vfat", "raw": "auto"}.get(fs_type, fs_type)
 
 
 # -- QMP ------------------------------------------------------------------------------

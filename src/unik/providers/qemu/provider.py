@@ -157,7 +157,7 @@ class QemuProvider(Provider):
             args=spec.args,
             hostname=spec.hostname or None,
             stop_timeout=self.config.stop_timeout,
-            mounts=[(v.serial, v.mount, control.guest_fs_type(v.fs_type)) for v in spec.volumes],
+            mounts=[(v.serial, v.mount, guest.guest_fs_type(v.fs_type)) for v in spec.volumes],
             net=self.network.guest_config(spec.address),
         )
         files = stage_boot_files(self.vms.folder(instance_id), self.context.artifacts, spec, run_config, self.kernel)
@@ -258,7 +258,7 @@ class QemuProvider(Provider):
         """Hot-plug a virtio-blk disk over QMP, then have the guest mount it."""
         qmp_path, name = self.vms.qmp(instance_id), self.vms.vm_name(instance_id)
         await control.plug_disk(qmp_path, name, volume)
-        fs_type = control.guest_fs_type(volume.fs_type)
+        fs_type = guest.guest_fs_type(volume.fs_type)
         try:
             await self._control(instance_id, f"mount {volume.serial} {volume.mount} {fs_type}")
         except Exception:

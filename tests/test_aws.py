@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
 
 from tests.conftest import hello_tgz, services_of  # noqa: F401 - hello_tgz is a fixture
@@ -24,6 +25,7 @@ from unik.artifacts.disk import missing_disk_tools
 from unik.daemon import build_app
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
+from unik.providers.aws.errors import translate
 from unik.providers.aws.provider import TAG_DAEMON, TAG_INSTANCE, AwsProvider
 from unik.providers.network import free_port
 
@@ -300,3 +302,22 @@ def test_a_snapshot_whose_upload_was_cut_short_is_deleted_at_start(
     with aws_daemon(data_dir, moto_url):
         assert not (data_dir / "aws" / "uploads" / orphan).exists()
     assert orphan not in [s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]]
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("AuthFailure", 401),
+        ("UnauthorizedOperation", 403),
+        ("InvalidParameterValue", 400),
+        ("InvalidUserData.Malformed", 400),
+        ("InvalidAMIID.NotFound", 404),
+        ("InsufficientInstanceCapacity", 409),
+        ("InternalError", 502),
+    ],
+)
+def test_aws_errors_keep_their_code_under_a_clear_status(code: str, status: int) -> None:
+    error = ClientError({"Error": {"Code": code, "Message": "what AWS said"}}, "RunInstances")
+    translated = translate(error)
+    assert translated.status == status
+    assert str(translated) == f"AWS RunInstances: {code}: what AWS said"

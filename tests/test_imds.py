@@ -35,8 +35,9 @@ from tests.conftest import EXAMPLES, folder_tar_gz, hello_tgz, requires_vm, serv
 from tests.test_disk import BOOT_DEADLINE, _boot
 from tests.test_export import hello_api  # noqa: F401 - a fixture
 from unik import guest, volumes
-from unik.artifacts.disk import build_raw_disk, missing_disk_tools
-from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
+from unik.artifacts.disk import missing_disk_tools
+from unik.kernel import Kernel, default_kernel_root, load
+from unik.providers.aws.provider import build_ami_disk
 from unik.providers.network import free_port
 from unik.providers.qemu.control import qcode, qmp
 from unik.providers.qemu.options import Blockdev
@@ -180,14 +181,9 @@ def _imds_raw_disk(api: TestClient, name: str, kernel: Kernel, tmp_path: Path) -
     from the metadata service."""
     ctx = services_of(api).ctx
     image = ctx.store.images.find(name)
-    initrd = tmp_path / "initrd"
-    with open(initrd, "wb") as out:
-        out.write(ctx.artifacts.path(image.id, image.meta.artifact, "initrd").read_bytes())
-        out.write(guest.modules_cpio([], init_binary=guest.ensure_init_binary(tmp_path)))
-        out.write(guest.run_config_cpio(env={}, net=guest.DHCP_IMDS))
-    disk = tmp_path / "disk.raw"
-    build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), disk)
-    return disk
+    image_initrd = ctx.artifacts.path(image.id, image.meta.artifact, "initrd")
+    # The very disk the AWS provider uploads for an AMI.
+    return build_ami_disk(image_initrd, kernel, guest.ensure_init_binary(tmp_path), tmp_path)
 
 
 @pytest.fixture

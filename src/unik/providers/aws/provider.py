@@ -115,14 +115,9 @@ class AwsProvider(Provider):
         work.mkdir(parents=True)
         snapshot_id = ""
         try:
-            initrd = work / "initrd"
-            with open(initrd, "wb") as out:
-                with open(self.context.artifacts.path(image_id, meta.artifact, "initrd"), "rb") as source:
-                    shutil.copyfileobj(source, out, 1 << 20)
-                # The network by DHCP, then the run archive from the instance's user-data.
-                out.write(guest.run_config_cpio(env={}, net=guest.DHCP_IMDS))
-            disk = work / "disk.img"
-            build_raw_disk(self.kernel().bzimage, initrd, " ".join(BOOT_ARGS), disk)
+            image_initrd = self.context.artifacts.path(image_id, meta.artifact, "initrd")
+            init_binary = guest.ensure_init_binary(self.root / "init")
+            disk = build_ami_disk(image_initrd, self.kernel(), init_binary, work)
             tags = self._tags(**{TAG_IMAGE: image_id})
             try:
                 snapshot_id = self._upload(disk, f"unik image {image_id}", tags)
@@ -450,6 +445,21 @@ class AwsProvider(Provider):
         overlap = next((n for n in range(min(len(had), len(output)), 0, -1) if had.endswith(output[:n])), 0)
         with open(path, "a") as f:
             f.write(output[overlap:])
+
+
+def build_ami_disk(image_initrd: Path, kernel: Kernel, init_binary: Path, work: Path) -> Path:
+    """The raw bootable disk an AMI is made of (`work/disk.img`): the disk kernel and the
+    image's initrd, then today's init (older images' have no metadata client) and a baked run
+    archive whose network is DHCP with `config=imds`: the rest comes from the user-data."""
+    initrd = work / "initrd"
+    with open(initrd, "wb") as out:
+        with open(image_initrd, "rb") as source:
+            shutil.copyfileobj(source, out, 1 << 20)
+        out.write(guest.modules_cpio([], init_binary=init_binary))
+        out.write(guest.run_config_cpio(env={}, net=guest.DHCP_IMDS))
+    disk = work / "disk.img"
+    build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), disk)
+    return disk
 
 
 def _ebs_serial(volume: VolumeAttachment) -> str:

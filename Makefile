@@ -4,27 +4,42 @@ VENV := .venv
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 3000
-DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap bc bison flex libelf-dev libssl-dev xz-utils fdisk syslinux syslinux-common systemd-boot-efi ovmf
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils musl-tools gcc make cpio e2fsprogs dosfstools mtools kmod python3-venv python3-pip chromium chromium-driver golang-go g++ binutils cargo nodejs openjdk-17-jdk-headless bubblewrap bc bison flex libelf-dev libssl-dev xz-utils fdisk syslinux syslinux-common systemd-boot-efi ovmf pkg-config python3-dev
+# Without their Recommends (lvm2, swtpm, other hypervisors' drivers): only the qemu driver is used.
+LIBVIRT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
 PYTEST_ARGS ?=
 
-.PHONY: setup packages venv kernel kernel-micro kernel-disk run test lint bench clean
+.PHONY: setup packages libvirt-user venv kernel kernel-micro kernel-disk run test lint bench clean
 
 # kernel-micro is the provider's default kernel; the cloud kernel stays for `kernel: cloud`;
 # kernel-disk is what exported bootable disks boot.
-setup: packages venv kernel kernel-micro kernel-disk
+setup: packages libvirt-user venv kernel kernel-micro kernel-disk
 
 # Idempotent: apt runs only when a package is missing.
 packages:
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages:" $$missing; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	@missing() { for p in "$$@"; do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done; }; \
+	base=$$(missing $(DEBIAN_PACKAGES)); libvirt=$$(missing $(LIBVIRT_PACKAGES)); \
+	if [ -n "$$base$$libvirt" ]; then \
+	    echo "installing Debian packages:" $$base $$libvirt; \
+	    apt-get update -qq; \
+	fi; \
+	if [ -n "$$base" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$base; fi; \
+	if [ -n "$$libvirt" ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$libvirt; fi
+
+# Debian's libvirtd (the libvirt provider's tests start private ones: unik.testing.LibvirtHost)
+# refuses to start without the system user libvirt-qemu, which only libvirt-daemon-system (not
+# wanted: it starts and configures the machine's own libvirtd) would create.
+libvirt-user:
+	@getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+	@getent passwd libvirt-qemu >/dev/null || \
+	    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --gid libvirt-qemu libvirt-qemu
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# libvirt-python builds from source against libvirt-dev (pkg-config, gcc, Python's headers).
+$(VENV)/.installed: pyproject.toml | packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -303,3 +304,252 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
                     selector.unregister(source)
                     reading.discard(source)
                     peer[source].shutdown(socket.SHUT_WR)
+
+
+# -- a private libvirtd: hosts for the libvirt provider's tests and benchmarks ---------------------
+
+LIBVIRT_START_TIMEOUT = 30.0
+LIBVIRT_STOP_TIMEOUT = 15.0
+# What a LibvirtHost runs, and the binaries it starts them with (util-linux for the namespace).
+LIBVIRT_TOOLS = ("libvirtd", "virtlogd", "virsh", "unshare", "nsenter")
+# The system user (and group) Debian's libvirtd looks up at start, before it reads qemu.conf.
+LIBVIRT_QEMU_USER = "libvirt-qemu"
+# As root, libvirtd and its qemu driver use fixed paths (no environment variable or libvirtd.conf
+# key moves them; XDG_* counts only for unprivileged daemons): each host gets a mount namespace
+# of its own where its folders under `root` are bound over these. Their parents get an empty
+# tmpfs there first, so that no mount point is ever created on the real file system.
+LIBVIRT_SYSTEM_DIRS = {
+    "etc": "/etc/libvirt",  # libvirtd.conf, virtlogd.conf, qemu.conf; libvirtd adds nwfilter/, secrets/
+    "run": "/run/libvirt",  # sockets (libvirt-sock, virtlogd-sock), pid files, qemu/ domain status
+    "lib": "/var/lib/libvirt",  # qemu/domain-N-NAME/ (monitor socket), nvram, save, dumps
+    "cache": "/var/cache/libvirt",  # qemu/capabilities/ (or the `cache` given to start())
+    "log": "/var/log/libvirt",  # qemu/NAME.log (through virtlogd), the daemons' own logs
+}
+_LIBVIRT_NAMESPACE = r"""
+set -e
+root=$1
+cache=$2
+shift 2
+for dir in /run /var/lib /var/cache /var/log; do mount -t tmpfs -o size=1m,mode=755 unik-libvirt "$dir"; done
+mkdir -m 1777 /run/lock
+mkdir /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt
+mount --bind "$root/etc" /etc/libvirt
+mount --bind "$root/run" /run/libvirt
+mount --bind "$root/lib" /var/lib/libvirt
+mount --bind "$cache" /var/cache/libvirt
+mount --bind "$root/log" /var/log/libvirt
+exec "$@"
+"""
+# root in a container: no user switch, no chown/relabel of images, no cgroup of its own per VM;
+# no mount namespace per VM either (its default), so that the host's qemus are in the host's.
+_QEMU_CONF = """\
+namespaces = [ ]
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+"""
+
+
+def libvirt_missing() -> str | None:
+    """Why no LibvirtHost can start here (a tool or the libvirt-qemu user missing), or None."""
+    import pwd
+
+    absent = [tool for tool in LIBVIRT_TOOLS if shutil.which(tool) is None]
+    if absent:
+        return f"not installed: {', '.join(absent)} (run `make setup`)"
+    try:
+        pwd.getpwnam(LIBVIRT_QEMU_USER)
+    except KeyError:
+        return f"no system user {LIBVIRT_QEMU_USER}: libvirtd refuses to start (run `make libvirt-user`)"
+    if os.geteuid() != 0:
+        return "a private system libvirtd needs root (mount namespace, qemu:///system)"
+    return None
+
+
+def _mount_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:  # gone, or a zombie
+        return None
+
+
+@dataclass
+class LibvirtHost:
+    """A libvirtd of its own on qemu+tcp://127.0.0.1:`port`/system (auth none), with its
+    virtlogd, for tests and benchmarks of the libvirt provider. All it writes is under `root`:
+    root/etc (its configs), root/run (sockets, pid files), root/lib, root/cache, root/log, seen by
+    its daemons and qemus as /etc/libvirt, /run/libvirt, ... in a mount namespace of its own; so
+    two hosts run side by side, and the machine's own libvirt folders are never touched.
+
+    Domains must be type='qemu' (TCG). start() returns once the daemon answers over TCP."""
+
+    root: Path
+    port: int
+    cache: Path
+    virtlogd: subprocess.Popen[bytes] | None = None
+    libvirtd: subprocess.Popen[bytes] | None = None
+    namespace: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+tcp://127.0.0.1:{self.port}/system"
+
+    @classmethod
+    def start(cls, root: Path, cache: Path | None = None) -> LibvirtHost:
+        """Raises RuntimeError when libvirtd does not come up (libvirt_missing() tells why first).
+
+        `cache`, when given, is bound as /var/cache/libvirt instead of root/cache: hosts that
+        share one probe qemu's capabilities once (~8 s under TCG, at a host's first domain or
+        capabilities call) instead of each. libvirt rewrites its entries atomically and checks
+        them against the qemu binaries and its own version, so sharing is safe."""
+        if (problem := libvirt_missing()) is not None:
+            raise RuntimeError(problem)
+        root = root.resolve()
+        for path in (root, cache.resolve()) if cache is not None else (root,):
+            hidden = [p for p in ("/run", "/var/lib", "/var/cache", "/var/log") if path.is_relative_to(p)]
+            if hidden:
+                raise ValueError(f"{path} is under {hidden[0]}, which the host's namespace hides")
+        for name in LIBVIRT_SYSTEM_DIRS:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "qemu.conf").write_text(_QEMU_CONF)
+        (root / "etc" / "virtlogd.conf").write_text(f'log_outputs = "3:file:{root}/log/virtlogd.log"\n')
+        host = cls(root, free_port(), cache=cache.resolve() if cache is not None else root / "cache")
+        try:
+            host._start_virtlogd()
+            host._start_libvirtd()
+        except BaseException:
+            host.stop()
+            raise
+        return host
+
+    def _start_virtlogd(self) -> None:
+        # The namespace's first process: unshare and sh exec into virtlogd, so its pid is
+        # virtlogd's, and libvirtd joins the namespace through it. libvirtd as root never starts
+        # a virtlogd itself: it connects to /run/libvirt/virtlogd-sock, this one's.
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _LIBVIRT_NAMESPACE, "sh"]
+        argv += [str(self.root), str(self.cache)]
+        argv += ["virtlogd", "--config", f"{self.root}/etc/virtlogd.conf"]
+        argv += ["--pid-file", f"{self.root}/run/virtlogd.pid"]
+        with open(self.root / "log" / "virtlogd.out", "ab") as out:
+            self.virtlogd = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        socket_path = self.root / "run" / "virtlogd-sock"
+        deadline = time.monotonic() + LIBVIRT_START_TIMEOUT
+        while not socket_path.exists():
+            if self.virtlogd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"virtlogd did not start: {self._tail('virtlogd.out')}")
+            time.sleep(0.02)
+        self.namespace = _mount_namespace(self.virtlogd.pid)
+        if self.namespace is None or self.namespace == _mount_namespace(os.getpid()):
+            raise RuntimeError("virtlogd is not in a mount namespace of its own")
+
+    def _start_libvirtd(self, attempts: int = 3) -> None:
+        assert self.virtlogd is not None
+        for attempt in range(attempts):
+            if attempt:
+                self.port = free_port()  # another process took the port between free_port() and bind
+            # --listen: without socket activation, listen_tcp counts only with it.
+            (self.root / "etc" / "libvirtd.conf").write_text(
+                "listen_tls = 0\n"
+                "listen_tcp = 1\n"
+                'listen_addr = "127.0.0.1"\n'
+                f'tcp_port = "{self.port}"\n'
+                'auth_tcp = "none"\n'
+                f'log_outputs = "3:file:{self.root}/log/libvirtd.log"\n'
+            )
+            argv = ["nsenter", f"--mount=/proc/{self.virtlogd.pid}/ns/mnt", "libvirtd", "--listen"]
+            argv += ["--config", f"{self.root}/etc/libvirtd.conf", "--pid-file", f"{self.root}/run/libvirtd.pid"]
+            with open(self.root / "log" / "libvirtd.out", "ab") as out:
+                self.libvirtd = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + LIBVIRT_START_TIMEOUT
+            while self.libvirtd.poll() is None and time.monotonic() < deadline:
+                if self._answers():
+                    return
+                time.sleep(0.05)
+            if self.libvirtd.poll() is None:
+                break  # up but silent: no other port would help
+            self.libvirtd = None
+        raise RuntimeError(f"libvirtd did not start: {self._tail('libvirtd.out')} {self._tail('libvirtd.log')}")
+
+    def _answers(self) -> bool:
+        asked = self._virsh("uri", timeout=10)
+        return asked is not None and asked.returncode == 0
+
+    def _virsh(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _tail(self, name: str) -> str:
+        try:
+            return (self.root / "log" / name).read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """Every live process of this host: its daemons, its qemus and whatever they started."""
+        if self.namespace is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _mount_namespace(int(entry)) == self.namespace:
+                found.append(int(entry))
+        return found
+
+    def qemu_pids(self) -> list[int]:
+        """Its running qemus (libvirtd double-forks them: they are nobody's children here)."""
+        daemons = {p.pid for p in (self.virtlogd, self.libvirtd) if p is not None}
+        return [pid for pid in self.pids() if pid not in daemons]
+
+    def kill(self) -> None:
+        """The host goes down: libvirtd gets SIGKILL, no chance to clean up; then its qemus
+        (which outlive libvirtd by design) and its virtlogd get SIGKILL too, as with a machine
+        that lost power. A connection to `uri` is refused from then on."""
+        if self.libvirtd is not None:
+            self.libvirtd.kill()
+            self.libvirtd.wait(10)
+            self.libvirtd = None
+        self._kill_namespace()
+
+    def stop(self) -> None:
+        """Destroy every domain it runs, stop libvirtd and virtlogd; no process of it remains."""
+        if self.libvirtd is not None and self.libvirtd.poll() is None:
+            listed = self._virsh("list", "--name")
+            for name in listed.stdout.split() if listed is not None and listed.returncode == 0 else []:
+                self._virsh("destroy", name)
+        for daemon in (self.libvirtd, self.virtlogd):
+            if daemon is not None and daemon.poll() is None:
+                daemon.terminate()
+                try:
+                    daemon.wait(LIBVIRT_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait(5)
+        self.libvirtd = None
+        self._kill_namespace()
+
+    def _kill_namespace(self) -> None:
+        """SIGKILL whatever still runs in the namespace (a qemu whose destroy failed), and wait."""
+        deadline = time.monotonic() + LIBVIRT_STOP_TIMEOUT
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        if self.virtlogd is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.virtlogd.wait(5)
+            self.virtlogd = None
+        if not self.pids():
+            self.namespace = None  # gone with its last process: its number may be reused
+
+    def __enter__(self) -> LibvirtHost:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -118,12 +118,15 @@ class Instance(BaseModel):
     Created: str
     # Addition: its last start was a clone of a VM template (a warm start); omitted when not.
     StartedWarm: bool = False
+    # Addition: the host it runs on, for providers with several (libvirt); omitted when empty.
+    Host: str = ""
 
     @model_serializer(mode="wrap")
-    def _omit_cold(self, handler: Any) -> dict[str, Any]:
+    def _omit_defaults(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if not data.get("StartedWarm"):
-            data.pop("StartedWarm", None)
+        for key in ("StartedWarm", "Host"):
+            if not data.get(key):
+                data.pop(key, None)
         return data
 
 

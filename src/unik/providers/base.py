@@ -137,6 +137,10 @@ class Provider(ABC):
         """Bring console_path() up to date, for consoles that live elsewhere (EC2's)."""
         return None
 
+    def host_of(self, instance_id: str) -> str | None:
+        """Which of the provider's hosts the instance runs on, for providers with several."""
+        return None
+
     def address_of(self, instance_id: str) -> str | None:
         """The address the infrastructure gave a running instance, when the daemon did not."""
         return None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from unik.providers.aws.config import AwsProviderConfig
 from unik.providers.base import Provider, ProviderConfig, ProviderContext
+from unik.providers.libvirt.config import LibvirtProviderConfig
 from unik.providers.qemu.config import QemuProviderConfig
 
 __all__ = ["ProviderKind", "create", "default_config", "kinds", "lookup", "register", "unregister"]
@@ -63,3 +64,4 @@ def create(kind: str, config: ProviderConfig, context: ProviderContext) -> Provi
 
 register(ProviderKind("qemu", QemuProviderConfig, "unik.providers.qemu.provider:QemuProvider", in_default_config=True))
 register(ProviderKind("aws", AwsProviderConfig, "unik.providers.aws.provider:AwsProvider"))
+register(ProviderKind("libvirt", LibvirtProviderConfig, "unik.providers.libvirt.provider:LibvirtProvider"))

@@ -192,6 +192,7 @@ class InstanceService:
         record.meta.booted = True
         record.obj.StartedWarm = bool(warm)
         record.obj.IpAddress = provider.address_of(record.id) or record.obj.IpAddress
+        record.obj.Host = provider.host_of(record.id) or ""
         ctx.set_state(record, InstanceState.running)
 
     async def stop(self, ref: str) -> Instance:

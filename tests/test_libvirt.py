@@ -1,0 +1,120 @@
+"""The libvirt provider on two private libvirtd "hosts" reached over qemu+tcp on loopback:
+build → images staged on each host through the connection → instances spread by free memory
+→ logs read through the connection → stop/start → a restarted daemon re-adopts → a host that
+dies: its instance reads stopped, the API still answers, placement skips it → deletion."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import hello_tgz, requires_vm  # noqa: F401 - hello_tgz is a fixture
+from unik.daemon import build_app
+from unik.testing import LibvirtHost, libvirt_missing
+
+# Inside a host's mount namespace /var/lib/libvirt is that host's own folder.
+POOL_PATH = "/var/lib/libvirt/images/unik"
+
+pytestmark = [pytest.mark.vm, requires_vm]
+
+
+@pytest.fixture
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LibvirtHost]]:
+    if (problem := libvirt_missing()) is not None:
+        pytest.skip(problem)
+    cache = tmp_path_factory.mktemp("libvirt-cache")
+    started: list[LibvirtHost] = []
+    try:
+        for name in ("host-a", "host-b"):
+            started.append(LibvirtHost.start(tmp_path_factory.mktemp(name), cache=cache))
+        yield started
+    finally:
+        for host in started:
+            host.stop()
+
+
+@contextlib.contextmanager
+def libvirt_daemon(data_dir: Path, hosts: list[LibvirtHost]) -> Iterator[TestClient]:
+    uris = ", ".join(f"'{h.uri}'" for h in hosts)
+    settings = f"hosts: [{uris}], pool_path: {POOL_PATH}, call_timeout: 10, poll_interval: 0.3"
+    (data_dir / "daemon-config.yaml").write_text(f"providers:\n  libvirt:\n    - {{{settings}}}\n")
+    with TestClient(build_app(data_dir), raise_server_exceptions=False) as api:
+        yield api
+
+
+def eventually(check: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def pool_volumes(host: LibvirtHost) -> set[str]:
+    conn = libvirt.open(host.uri)
+    try:
+        return {v.name() for v in conn.storagePoolLookupByName("unik").listAllVolumes(0)}
+    finally:
+        conn.close()
+
+
+def logs(api: TestClient, name: str) -> str:
+    return str(api.get(f"/instances/{name}/logs").text)
+
+
+def test_instances_spread_over_two_hosts_and_survive_what_hosts_do(
+    hosts: list[LibvirtHost],
+    data_dir: Path,
+    hello_tgz: bytes,  # noqa: F811
+) -> None:
+    with libvirt_daemon(data_dir, hosts) as api:
+        built = api.post("/images/hello/create?base=linux&lang=c&provider=libvirt",
+                         files={"tarfile": ("a.tgz", hello_tgz)})  # fmt: skip
+        assert built.status_code == 201, built.text
+        placed = {}
+        for name in ("a", "b"):
+            body = {"InstanceName": name, "ImageName": "hello", "Env": {"GREETING": name}}
+            ran = api.post("/instances/run", json=body)
+            assert ran.status_code == 201, ran.text
+            placed[name] = ran.json()["Host"]
+        assert sorted(placed.values()) == sorted(h.uri for h in hosts)  # one on each: spread by free memory
+        for name in ("a", "b"):
+            eventually(lambda name=name: f"hello from unik: {name}" in logs(api, name))
+        image_id = built.json()["Id"]
+        for host in hosts:  # staged on each host through its connection, once
+            assert {f"img-{image_id}-kernel", f"img-{image_id}-initrd"} <= pool_volumes(host)
+
+        assert api.post("/instances/a/stop").status_code == 200
+        assert api.get("/instances/a").json()["State"] == "stopped"
+        assert api.post("/instances/a/start").status_code == 200
+        eventually(lambda: logs(api, "a").count("hello from unik: a") == 2)
+
+    # A new daemon finds both domains by their metadata, and reads their consoles again.
+    with libvirt_daemon(data_dir, hosts) as api:
+        assert sorted((i["Name"], i["State"]) for i in api.get("/instances").json()) == [
+            ("a", "running"), ("b", "running")
+        ]  # fmt: skip
+        eventually(lambda: "tick" in logs(api, "b").rsplit("hello from unik: b", 1)[-1])
+
+        down = next(h for h in hosts if h.uri == placed["b"])
+        down.kill()
+        started = time.monotonic()
+        eventually(lambda: api.get("/instances/b").json()["State"] == "stopped", timeout=30)
+        assert time.monotonic() - started < 30  # no API call waits on the dead host
+        # The next run goes where a host still answers.
+        ran = api.post("/instances/run", json={"InstanceName": "c", "ImageName": "hello"})
+        assert ran.status_code == 201, ran.text
+        assert ran.json()["Host"] == placed["a"]
+
+        for name in ("a", "c"):
+            assert api.delete(f"/instances/{name}?force=true").status_code == 204
+        assert api.delete("/instances/b?force=true").status_code == 204
+        assert api.delete("/images/hello").status_code == 204
+        alive = next(h for h in hosts if h.uri == placed["a"])
+        assert pool_volumes(alive) == set()  # the image's files and the runs' archives are gone

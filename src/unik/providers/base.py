@@ -137,6 +137,11 @@ class Provider(ABC):
         """Bring console_path() up to date, for consoles that live elsewhere (EC2's)."""
         return None
 
+    def unreachable(self, instance_id: str) -> str | None:
+        """Why the provider cannot tell now whether the instance runs (its host does not
+        answer), or None: then alive() is the truth."""
+        return None
+
     def host_of(self, instance_id: str) -> str | None:
         """Which of the provider's hosts the instance runs on, for providers with several."""
         return None

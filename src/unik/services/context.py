@@ -18,7 +18,8 @@ ImageRecord = Record[Image, ImageMeta]
 InstanceRecord = Record[Instance, InstanceMeta]
 VolumeRecord = Record[Volume, VolumeMeta]
 
-LIVE_STATES = {InstanceState.running.value, InstanceState.pending.value}
+# Unknown: its host does not answer, so it may well still run (and hold its ports).
+LIVE_STATES = {InstanceState.running.value, InstanceState.pending.value, InstanceState.unknown.value}
 
 
 @dataclass

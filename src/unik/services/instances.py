@@ -169,6 +169,10 @@ class InstanceService:
         provider = self.ctx.provider(record.meta.provider)
         async with self.ctx.lock(record.id):
             record = self.reconciler.refresh(self.ctx.reload(record))
+            if record.obj.State == InstanceState.unknown.value:
+                # A second VM of it elsewhere would be two instances with one name and volume.
+                why = provider.unreachable(record.id) or "its host did not answer"
+                raise Conflict(f"instance {record.name!r} may still run: {why}")
             if record.obj.State != InstanceState.running.value:
                 spec = record.meta.spec
                 self._check_ports(provider, record.id, spec.ports)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 MONITOR_INTERVAL = 0.5
 
 
+LIVE_OR_UNKNOWN = {InstanceState.running.value, InstanceState.pending.value, InstanceState.unknown.value}
+
+
 class Reconciler:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -71,12 +74,25 @@ class Reconciler:
         return False
 
     def refresh(self, record: InstanceRecord) -> InstanceRecord:
-        """A live record whose VM has ended reads stopped (and its host network is freed)."""
-        if record.obj.State not in {InstanceState.running.value, InstanceState.pending.value}:
+        """A live record whose VM has ended reads stopped (and its host network is freed); one
+        whose host does not answer reads unknown until it does."""
+        if record.obj.State not in LIVE_OR_UNKNOWN:
             return record
         provider = self.ctx.provider_of(record)
         alive = provider is not None and provider.alive(record.id)
         if alive and record.obj.State == InstanceState.running.value:
+            return record
+        if alive and record.obj.State == InstanceState.unknown.value:
+            log.info("instance %s answers again: running", record.name)
+            with contextlib.suppress(NotFound):
+                self.ctx.set_state(record, InstanceState.running)
+            return record
+        why = provider.unreachable(record.id) if provider is not None and not alive else None
+        if why is not None:
+            if record.obj.State != InstanceState.unknown.value:
+                log.warning("instance %s reads unknown: %s", record.name, why)
+                with contextlib.suppress(NotFound):
+                    self.ctx.set_state(record, InstanceState.unknown)
             return record
         if not alive:
             if provider is not None:
@@ -99,8 +115,9 @@ class Reconciler:
             try:
                 # Only running ones are parsed: with many stopped instances a full scan twice a
                 # second held the event loop (and every request waiting on it) for milliseconds.
-                for record in self.ctx.store.instances.in_state(InstanceState.running.value):
-                    if not self.ctx.lock(record.id).locked():
-                        self.refresh(record)
+                for state in (InstanceState.running, InstanceState.unknown):
+                    for record in self.ctx.store.instances.in_state(state.value):
+                        if not self.ctx.lock(record.id).locked():
+                            self.refresh(record)
             except Exception:
                 log.exception("instance monitor failed")

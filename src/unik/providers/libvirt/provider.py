@@ -337,6 +337,12 @@ class LibvirtProvider(Provider):
 
     # -- what runs where: polled in the background --------------------------------------------
 
+    def unreachable(self, instance_id: str) -> str | None:
+        host = self.host_of(instance_id)
+        if host is not None and host in self._down:
+            return f"its host {host} does not answer: {self._down[host]}"
+        return None
+
     def alive(self, instance_id: str) -> bool:
         if not self._polled:
             self._poll_once()

@@ -6,17 +6,20 @@ dies: its instance reads unknown, the API still answers, placement skips it → 
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import libvirt
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import hello_tgz, requires_vm  # noqa: F401 - hello_tgz is a fixture
+from tests.conftest import EXAMPLES, folder_tar_gz, hello_tgz, requires_vm, services_of  # noqa: F401 - hello_tgz is a fixture
 from unik.daemon import build_app
+from unik.providers.network import free_port
 from unik.testing import LibvirtHost, libvirt_missing
 
 # Inside a host's mount namespace /var/lib/libvirt is that host's own folder.
@@ -121,3 +124,55 @@ def test_instances_spread_over_two_hosts_and_survive_what_hosts_do(
         assert api.delete("/images/hello").status_code == 204
         alive = next(h for h in hosts if h.uri == placed["a"])
         assert pool_volumes(alive) == set()  # the image's files and the runs' archives are gone
+
+
+def test_published_ports_and_volumes_at_boot_and_hot_plugged(
+    hosts: list[LibvirtHost], data_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "data.txt").write_text("on a libvirt host\n")
+    with libvirt_daemon(data_dir, hosts[:1]) as api:
+        built = api.post("/images/web/create?base=linux&lang=c&provider=libvirt&mounts=/data",
+                         files={"tarfile": ("a.tgz", folder_tar_gz(EXAMPLES / "c-http"))})  # fmt: skip
+        assert built.status_code == 201, built.text
+        made = api.post("/volumes/data?provider=libvirt", files={"tarfile": ("d.tgz", folder_tar_gz(folder))})
+        assert made.status_code == 201, made.text
+        port = free_port()
+        body = {"InstanceName": "w", "ImageName": "web", "Mounts": {"/data": "data"},
+                "Ports": [{"HostPort": port, "GuestPort": 8080}]}  # fmt: skip
+        ran = api.post("/instances/run", json=body)
+        assert ran.status_code == 201, ran.text
+        assert ran.json()["IpAddress"] == "127.0.0.1"
+        url = f"http://127.0.0.1:{port}/mount_test"
+        eventually(lambda: fetch(url) == (200, "on a libvirt host\n"))
+
+        # Hot: the guest unmounts, the disk goes (its data back to the daemon), and comes again.
+        assert api.post("/volumes/data/detach").status_code == 202
+        assert fetch(url)[0] == 404
+        assert api.post("/volumes/data/attach/w?mount=/data").status_code == 202
+        assert fetch(url) == (200, "on a libvirt host\n")
+        assert api.post("/instances/w/stop").status_code == 200
+        assert api.delete("/instances/w").status_code == 204
+
+        # Debug mode: the domain waits, halted, for gdb on the host.
+        ran = api.post("/instances/run", json={"InstanceName": "d", "ImageName": "web", "DebugMode": True,
+                                               "Mounts": {"/data": "data"}})  # fmt: skip
+        assert ran.status_code == 201, ran.text
+        provider = services_of(api).ctx.providers["libvirt"]
+        gdb_port = provider.debug_port(ran.json()["Id"])
+        assert gdb_port is not None
+        with socket.create_connection(("127.0.0.1", gdb_port), timeout=5):
+            pass
+        assert api.delete("/instances/d?force=true").status_code == 204
+        assert api.delete("/volumes/data").status_code == 204
+        assert api.delete("/images/web").status_code == 204
+        assert pool_volumes(hosts[0]) == set()
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return 0, ""
+    return response.status_code, response.text

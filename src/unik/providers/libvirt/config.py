@@ -24,3 +24,6 @@ class LibvirtProviderConfig(ProviderConfig):
     stop_timeout: int = Field(default=5, ge=0, le=600)
     # The host's state of the daemon's domains is read this often (alive() reads only that).
     poll_interval: float = Field(default=1.0, gt=0)
+    # The address published ports listen on, on the instance's host (its loopback by default:
+    # reachable from that host only; 0.0.0.0 for everyone who reaches the host).
+    publish_address: str = "127.0.0.1"

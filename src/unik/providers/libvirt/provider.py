@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -21,29 +22,29 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from xml.sax.saxutils import escape, quoteattr
+from urllib.parse import urlsplit
+from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
 
+import libvirt
 from unik import guest
-from unik.errors import BadGateway, BadRequest, NotImplementedByProvider, UnikError
-from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root
+from unik.errors import BadGateway, BadRequest, Conflict, UnikError
+from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
-from unik.models import ImageMeta
-from unik.providers.base import LaunchSpec, Provider, ProviderConfig, ProviderContext
+from unik.models import ImageMeta, PortMapping, VolumeAttachment
+from unik.providers.base import Capability, LaunchSpec, Provider, ProviderConfig, ProviderContext
 from unik.providers.libvirt.config import LibvirtProviderConfig
-from unik.providers.network import USER_GUEST
-
-try:
-    import libvirt
-except ImportError:  # the binding is installed by `make setup`; without it the provider says so
-    libvirt = None
+from unik.providers.libvirt.domain import METADATA_NS, disk_xml, domain_xml, volume_name
+from unik.providers.libvirt.streams import download, exchange, follow_console, upload
+from unik.providers.network import USER_GUEST, free_port
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-METADATA_NS = "https://unik.dev/xmlns/libvirt/1"
 # Linux key codes for send-key: Ctrl-Alt-Del is SIGINT for the guest init (a graceful stop).
 CTRL_ALT_DEL = [29, 56, 111]
 STOP_SLACK = 10.0
+UNPLUG_TIMEOUT = 15.0
 
 
 class LibvirtProvider(Provider):
@@ -55,8 +56,6 @@ class LibvirtProvider(Provider):
     def __init__(self, config: ProviderConfig, context: ProviderContext) -> None:
         if not isinstance(config, LibvirtProviderConfig):
             raise TypeError(f"the libvirt provider needs a LibvirtProviderConfig, not {type(config).__name__}")
-        if libvirt is None:
-            raise RuntimeError("the libvirt provider needs the libvirt-python binding: run `make setup`")
         super().__init__(config, context)
         self.root = context.data_dir / "libvirt"
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
@@ -87,6 +86,27 @@ class LibvirtProvider(Provider):
 
     def console_path(self, instance_id: str) -> Path:
         return self._folder(instance_id) / "console.log"
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.PUBLISHED_PORTS, Capability.HOT_PLUG, Capability.DEBUG_PORT})
+
+    def publish_address(self) -> str | None:
+        return self.config.publish_address
+
+    def check_ports_free(self, ports: list[PortMapping]) -> None:
+        """Ports are bound on the instance's host, which is chosen later: a taken one fails the run."""
+
+    def address_of(self, instance_id: str) -> str | None:
+        """Published ports listen on the instance's host: with 0.0.0.0, that host's name."""
+        if self.config.publish_address != "0.0.0.0":
+            return self.config.publish_address
+        host = self.host_of(instance_id)
+        return (urlsplit(host).hostname if host else None) or "127.0.0.1"
+
+    def debug_port(self, instance_id: str) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self._folder(instance_id) / "gdb-port").read_text())
+        return None
 
     def _folder(self, instance_id: str) -> Path:
         return self.root / "instances" / instance_id
@@ -139,28 +159,6 @@ class LibvirtProvider(Provider):
             pool.create(0)
         return pool
 
-    def _upload(self, conn: Any, name: str, source: Path | bytes, *, replace: bool = False) -> str:
-        """The host-side path of volume `name` holding `source`, uploaded through the connection
-        unless there (or `replace`)."""
-        pool = self._pool(conn)
-        with contextlib.suppress(libvirt.libvirtError):
-            existing = pool.storageVolLookupByName(name)
-            if not replace:
-                return str(existing.path())
-            existing.delete(0)
-        data = source if isinstance(source, bytes) else None
-        size = len(data) if data is not None else Path(source).stat().st_size  # type: ignore[arg-type]
-        xml = f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{max(size, 1)}</capacity></volume>"
-        volume = pool.createXML(xml, 0)
-        stream = conn.newStream(0)
-        volume.upload(stream, 0, size, 0)
-        if data is not None:
-            stream.sendAll(lambda _stream, n, buf: buf.pop(0)[:n] if buf else b"", [data])
-        else:
-            with open(source, "rb") as f:  # type: ignore[arg-type]
-                stream.sendAll(lambda _stream, n, file: file.read(n), f)
-        stream.finish()
-        return str(volume.path())
 
     def forget_image(self, image_id: str, meta: ImageMeta) -> None:
         for uri in self.config.hosts:
@@ -178,8 +176,6 @@ class LibvirtProvider(Provider):
     # -- instances ------------------------------------------------------------------------------
 
     async def launch(self, instance_id: str, spec: LaunchSpec) -> bool:
-        if spec.volumes:
-            raise NotImplementedByProvider("provider libvirt cannot attach volumes yet")
         if spec.memory_mb <= 0 or spec.memory_mb > self.config.max_memory_mb:
             raise BadRequest(f"memory must be between 1 and {self.config.max_memory_mb} MB")
         if self.alive(instance_id):
@@ -189,24 +185,41 @@ class LibvirtProvider(Provider):
         initrd = self.context.artifacts.path(spec.image_id, spec.artifact, "initrd")
         run_archive = guest.run_config_cpio(
             env=spec.env, args=spec.args, hostname=spec.hostname or None, stop_timeout=self.config.stop_timeout,
-            net=dict(USER_GUEST),
+            net=dict(USER_GUEST), mounts=[(v.serial, v.mount, guest.guest_fs_type(v.fs_type)) for v in spec.volumes],
         )  # fmt: skip
+        gdb_port = free_port() if spec.debug_mode else None
         folder = self._folder(instance_id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "host").write_text(host + "\n")
 
         def start(conn: Any) -> None:
             paths = {
-                "kernel": self._upload(conn, f"img-{spec.image_id}-kernel", kernel),
-                "initrd": self._upload(conn, f"img-{spec.image_id}-initrd", initrd),
-                "run": self._upload(conn, f"run-{instance_id}", run_archive, replace=True),
+                "kernel": upload(conn, self._pool(conn), f"img-{spec.image_id}-kernel", kernel),
+                "initrd": upload(conn, self._pool(conn), f"img-{spec.image_id}-initrd", initrd),
+                "run": upload(conn, self._pool(conn), f"run-{instance_id}", run_archive, replace=True),
             }
+            # A volume's data goes to the host for as long as the instance runs there.
+            disks = [disk_xml(v, upload(conn, self._pool(conn), volume_name(v), Path(v.path), replace=True), i)
+                     for i, v in enumerate(spec.volumes)]  # fmt: skip
+            xml = domain_xml(self.config, self.daemon_id, instance_id, spec, paths, disks, gdb_port)
             # Paused until its console is read: the guest's first lines are not lost.
-            domain = conn.createXML(self._domain_xml(instance_id, spec, paths), libvirt.VIR_DOMAIN_START_PAUSED)
-            self._follow_console(instance_id, host, domain)
-            domain.resume()
+            try:
+                domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            except libvirt.libvirtError as exc:
+                if "host forwarding rule" in (exc.get_error_message() or ""):
+                    raise Conflict(f"a published port is already in use on {host}: {exc.get_error_message()}") from None
+                raise
+            self._follow_console(instance_id, conn, domain)
+            if gdb_port is None:
+                domain.resume()
 
+        (folder / "volumes.json").write_text(json.dumps([v.model_dump(mode="json") for v in spec.volumes]))
+        if gdb_port is not None:
+            (folder / "gdb-port").write_text(str(gdb_port))
         await self._call(host, start)
+        if gdb_port is not None:
+            log.warning("instance %s waits for gdb: target remote %s:%s", instance_id, self.address_of(instance_id),
+                        gdb_port)  # fmt: skip
         self._domains[instance_id] = (host, libvirt.VIR_DOMAIN_RUNNING, spec.memory_mb)
         self._ensure_poller()
         return False
@@ -239,57 +252,6 @@ class LibvirtProvider(Provider):
             return previous  # type: ignore[return-value]
         return max(fits, key=lambda uri: fits[uri])
 
-    def _domain_xml(self, instance_id: str, spec: LaunchSpec, paths: dict[str, str]) -> str:
-        cmdline = " ".join([*BOOT_ARGS, "noapictimer", "pmtmr=0"] if self.config.domain_type == "qemu" else BOOT_ARGS)
-        return f"""<domain type='{self.config.domain_type}'>
-  <name>unik-{instance_id}</name>
-  <uuid>{uuid.UUID(instance_id)}</uuid>
-  <metadata><unik:instance xmlns:unik='{METADATA_NS}' id='{instance_id}' image='{spec.image_id}'
-    daemon='{self.daemon_id}'/></metadata>
-  <memory unit='MiB'>{spec.memory_mb}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{escape(paths["kernel"])}</kernel>
-    <initrd>{escape(paths["initrd"])}</initrd>
-    <cmdline>{escape(cmdline)}</cmdline>
-  </os>
-  <sysinfo type='fwcfg'><entry name='{guest.FW_CFG_RUN_ARCHIVE}' file={quoteattr(paths["run"])}/></sysinfo>
-  <features><acpi/></features>
-  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model>
-    <feature policy='require' name='rdrand'/></cpu>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
-  <devices>
-    <serial type='pty'><target port='0'/></serial>
-    <serial type='pty'><target port='1'/></serial>
-    <console type='pty'><target type='serial' port='0'/></console>
-    <interface type='user'><model type='virtio'/></interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
-
-    def _follow_console(self, instance_id: str, host: str, domain: Any) -> None:
-        """A thread copying the guest's console from the connection into the console file
-        until the domain ends (a blocking stream: without an event loop non-blocking ones
-        never return data)."""
-        conn = self._conn(host)
-        stream = conn.newStream(0)
-        domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        path = self.console_path(instance_id)
-
-        def copy() -> None:
-            with open(path, "ab", buffering=0) as out, contextlib.suppress(Exception):
-                while data := stream.recv(4096):
-                    if isinstance(data, int):  # -2: would block, on a blocking stream: never
-                        break
-                    out.write(data)
-            with contextlib.suppress(Exception):
-                stream.finish()
-            self._consoles.pop(instance_id, None)
-
-        thread = threading.Thread(target=copy, name=f"console-{instance_id[:8]}", daemon=True)
-        self._consoles[instance_id] = thread
-        thread.start()
 
     async def stop(self, instance_id: str) -> None:
         host = self.host_of(instance_id)
@@ -305,10 +267,12 @@ class LibvirtProvider(Provider):
             while time.monotonic() < deadline:
                 if not await self._call(host, lambda conn: self._exists(conn, instance_id)):
                     self._domains.pop(instance_id, None)
+                    await self._bring_back_volumes(host, instance_id)
                     return
                 await asyncio.sleep(0.2)
         log.warning("instance %s did not power off gracefully; destroying its domain", instance_id)
         await self._destroy(host, instance_id)
+        await self._bring_back_volumes(host, instance_id)
 
     def _exists(self, conn: Any, instance_id: str) -> bool:
         try:
@@ -330,10 +294,100 @@ class LibvirtProvider(Provider):
         if host is not None:
             with contextlib.suppress(UnikError):
                 await self._destroy(host, instance_id)
+                await self._bring_back_volumes(host, instance_id)
                 await self._call(host, lambda conn: self._delete_volumes(conn, f"run-{instance_id}"))
         self._domains.pop(instance_id, None)
         if not keep_files:
             await asyncio.to_thread(shutil.rmtree, self._folder(instance_id), True)
+
+
+    # -- volumes: on the instance's host while it runs, back in the daemon's file after ---------
+
+    def _attached(self, instance_id: str) -> list[VolumeAttachment]:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((self._folder(instance_id) / "volumes.json").read_text())
+            return [VolumeAttachment.model_validate(v) for v in data]
+        return []
+
+    def _set_attached(self, instance_id: str, volumes: list[VolumeAttachment]) -> None:
+        listed = json.dumps([v.model_dump(mode="json") for v in volumes])
+        (self._folder(instance_id) / "volumes.json").write_text(listed)
+
+
+    async def _bring_back_volumes(self, host: str, instance_id: str) -> None:
+        volumes = self._attached(instance_id)
+        if volumes:
+            await self._call(host, lambda conn: [download(conn, self._pool(conn), v) for v in volumes])
+
+    async def attach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """Upload, hot-plug the disk, then have the guest mount it (unplugged if that fails)."""
+        host = self._running_host(instance_id)
+
+        def plug(conn: Any) -> None:
+            domain = conn.lookupByName(f"unik-{instance_id}")
+            taken = {t.get("dev") for t in ET.fromstring(domain.XMLDesc(0)).iterfind("devices/disk/target")}
+            index = next(i for i in range(26) if f"vd{chr(ord('b') + i)}" not in taken)
+            path = upload(conn, self._pool(conn), volume_name(volume), Path(volume.path), replace=True)
+            domain.attachDeviceFlags(disk_xml(volume, path, index), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        await self._call(host, plug)
+        self._set_attached(instance_id, [*self._attached(instance_id), volume])
+        fs_type = guest.guest_fs_type(volume.fs_type)
+        try:
+            await self._control(host, instance_id, f"mount {volume.serial} {volume.mount} {fs_type}")
+        except BaseException:
+            await self._unplug(host, instance_id, volume)
+            raise
+
+    async def detach_volume(self, instance_id: str, volume: VolumeAttachment) -> None:
+        """The guest unmounts first (nothing written is lost), then the disk is unplugged and its
+        data brought back."""
+        host = self._running_host(instance_id)
+        await self._control(host, instance_id, f"umount {volume.mount}")
+        await self._unplug(host, instance_id, volume)
+
+    async def _unplug(self, host: str, instance_id: str, volume: VolumeAttachment) -> None:
+        def unplug(conn: Any) -> None:
+            domain = conn.lookupByName(f"unik-{instance_id}")
+            disk = next((d for d in ET.fromstring(domain.XMLDesc(0)).iterfind("devices/disk")
+                         if d.findtext("serial") == volume.serial), None)  # fmt: skip
+            if disk is not None:
+                domain.detachDeviceFlags(ET.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            # The guest acknowledges the ACPI eject; until then the disk is still its.
+            deadline = time.monotonic() + UNPLUG_TIMEOUT
+            while f"<serial>{volume.serial}</serial>" in domain.XMLDesc(0):
+                if time.monotonic() > deadline:
+                    raise UnikError(f"the guest did not release the disk of volume {volume.serial} in time")
+                time.sleep(0.1)
+            download(conn, self._pool(conn), volume)
+
+        await self._call(host, unplug)
+        self._set_attached(instance_id, [v for v in self._attached(instance_id) if v.serial != volume.serial])
+
+    def _running_host(self, instance_id: str) -> str:
+        host = self.host_of(instance_id)
+        if host is None or not self.alive(instance_id):
+            raise Conflict("the instance is not running")
+        return host
+
+    async def _control(self, host: str, instance_id: str, command: str) -> None:
+        """One request to the guest init over its control serial port, through the connection:
+        `TAG COMMAND` out (again every second until answered), `TAG ok` or `TAG err WHY` back."""
+        answer = await self._call(
+            host, lambda conn: exchange(conn, conn.lookupByName(f"unik-{instance_id}"), command)
+        )
+        if answer == "ok":
+            return
+        why = answer.removeprefix("err ").strip() or "no answer"
+        if why.startswith("busy"):
+            raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
+        raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+
+
+    def _follow_console(self, instance_id: str, conn: Any, domain: Any) -> None:
+        path = self.console_path(instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._consoles[instance_id] = follow_console(conn, domain, path, lambda: self._consoles.pop(instance_id, None))
 
     # -- what runs where: polled in the background --------------------------------------------
 
@@ -387,7 +441,7 @@ class LibvirtProvider(Provider):
                 # Re-adopted after a restart: its console is read again (what it printed while
                 # nobody read is lost with the pty).
                 with contextlib.suppress(Exception):
-                    self._follow_console(instance_id, uri, domain)
+                    self._follow_console(instance_id, conn, domain)
         return found
 
     def _ensure_poller(self) -> None:
@@ -401,3 +455,4 @@ class LibvirtProvider(Provider):
             await asyncio.sleep(self.config.poll_interval)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(self._poll_once), self.config.call_timeout)
+

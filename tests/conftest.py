@@ -11,6 +11,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from unik.models import ImageMeta, InstanceMeta, LaunchSpec, VolumeMeta
 from unik.providers.network import free_port
 from unik.services import Services
 from unik.testing import DaemonProcess as Daemon
+from unik.testing import LibvirtHost, libvirt_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -176,3 +178,54 @@ def daemon(data_dir: Path) -> Iterator[Daemon]:
 def client(daemon: Daemon) -> Iterator[UnikClient]:
     with UnikClient(daemon.host) as c:
         yield c
+
+
+# -- the providers that boot VMs on this machine, for tests that run on each ------------------
+
+
+@dataclass
+class Backend:
+    """A daemon running instances with `provider`, and where the VM of an instance is."""
+
+    provider: str
+    daemon: Daemon
+    client: UnikClient
+    host: LibvirtHost | None = None
+
+    def vm_pid(self, instance_id: str) -> int:
+        if self.host is None:
+            return int((self.daemon.data_dir / "instances" / instance_id / "qemu.pid").read_text())
+        for pid in self.host.qemu_pids():
+            with contextlib.suppress(OSError):
+                if f"guest=unik-{instance_id}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        raise AssertionError(f"no qemu of instance {instance_id} on {self.host.uri}")
+
+
+@pytest.fixture(scope="session")
+def libvirt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """libvirtd probes qemu's capabilities once for all the tests' hosts."""
+    return tmp_path_factory.mktemp("libvirt-cache")
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def backend(
+    request: pytest.FixtureRequest, data_dir: Path, libvirt_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
+    host = None
+    config = ""
+    if request.param == "libvirt":
+        if (problem := libvirt_missing()) is not None:
+            pytest.skip(problem)
+        host = LibvirtHost.start(tmp_path_factory.mktemp("libvirt-host"), cache=libvirt_cache)
+        config = (f"providers:\n  libvirt:\n    - {{hosts: ['{host.uri}'], pool_path: /var/lib/libvirt/images/unik,"
+                  " poll_interval: 0.3}\n")  # fmt: skip
+    running = Daemon(data_dir, free_port())
+    try:
+        running.start(config)
+        with UnikClient(running.host) as client:
+            yield Backend(request.param, running, client, host)
+    finally:
+        running.stop()
+        if host is not None:
+            host.stop()

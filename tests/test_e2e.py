@@ -1,4 +1,7 @@
-"""End to end: a real daemon process, examples/c-hello built from tar.gz, booted under TCG."""
+"""End to end: a real daemon process, examples/c-hello built from tar.gz, booted under TCG.
+
+The lifecycle tests run on each provider that boots VMs on this machine (`backend`): qemu,
+and libvirt with a private libvirtd reached over qemu+tcp on loopback."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, Daemon, requires_vm
+from tests.conftest import EXAMPLES, Backend, Daemon, requires_vm
 from unik.client import UnikAPIError, UnikClient
 from unik.kernel import default_kernel_root
 from unik.kernel import load as load_kernel
@@ -47,8 +50,9 @@ def qemu_pid(data_dir: Path, instance_id: str) -> int:
     return int((data_dir / "instances" / instance_id / "qemu.pid").read_text())
 
 
-def test_build_run_logs_stop_start_delete(client: UnikClient, daemon: Daemon) -> None:
-    image = client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu", args="a b")
+def test_build_run_logs_stop_start_delete(backend: Backend) -> None:
+    client = backend.client
+    image = client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", backend.provider, args="a b")
     instance = client.instances.run("h1", "hello", env={"GREETING": "hi"}, memory_mb=128)
     assert instance.State == "running"
     assert instance.ImageId == image.Id
@@ -58,7 +62,7 @@ def test_build_run_logs_stop_start_delete(client: UnikClient, daemon: Daemon) ->
     assert "hello from unik: hi\narg 1: a\narg 2: b\ntick 1\n" in logs.replace("\r\n", "\n")
 
     # Graceful stop: the app gets SIGTERM and says goodbye; the init reports its status.
-    first_pid = qemu_pid(daemon.data_dir, instance.Id)
+    first_pid = backend.vm_pid(instance.Id)
     client.instances.stop("h1")
     assert state(client, "h1") == "stopped"
     logs = client.instances.logs("h1").replace("\r\n", "\n")
@@ -73,7 +77,7 @@ def test_build_run_logs_stop_start_delete(client: UnikClient, daemon: Daemon) ->
     with pytest.raises(UnikAPIError) as refused:
         client.instances.delete("h1")
     assert refused.value.status_code == 409
-    pid = qemu_pid(daemon.data_dir, instance.Id)
+    pid = backend.vm_pid(instance.Id)
     client.instances.delete("h1", force=True)
     assert client.instances.list() == []
     assert not _alive(pid)
@@ -81,8 +85,9 @@ def test_build_run_logs_stop_start_delete(client: UnikClient, daemon: Daemon) ->
     assert client.images.list() == []
 
 
-def test_app_exit_is_noticed_and_follow_ends(client: UnikClient) -> None:
-    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+def test_app_exit_is_noticed_and_follow_ends(backend: Backend) -> None:
+    client = backend.client
+    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", backend.provider)
     client.instances.run("short", "hello", env={"TICKS": "2"})
     # Following a running instance streams until the VM powers off by itself.
     streamed = "".join(client.instances.follow_logs("short"))
@@ -92,12 +97,13 @@ def test_app_exit_is_noticed_and_follow_ends(client: UnikClient) -> None:
     assert "".join(client.instances.follow_logs("short")) == client.instances.logs("short")
 
 
-def test_follow_streams_live_and_delete_on_disconnect(client: UnikClient, daemon: Daemon) -> None:
-    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+def test_follow_streams_live_and_delete_on_disconnect(backend: Backend) -> None:
+    client = backend.client
+    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", backend.provider)
     instance = client.instances.run("live", "hello")
     seen = ""
     # The Go client's request: follow=true and delete=true in the query string.
-    url = f"http://{daemon.host}/instances/live/logs?follow=true&delete=true"
+    url = f"http://{backend.daemon.host}/instances/live/logs?follow=true&delete=true"
     with httpx.stream("GET", url, timeout=httpx.Timeout(10, read=BOOT_TIMEOUT)) as response:
         assert response.status_code == 200
         for chunk in response.iter_text():
@@ -105,16 +111,17 @@ def test_follow_streams_live_and_delete_on_disconnect(client: UnikClient, daemon
             if "tick 2" in seen:
                 break
     assert "tick 1" in seen
-    pid = qemu_pid(daemon.data_dir, instance.Id)
+    pid = backend.vm_pid(instance.Id)
     wait_for("the instance to be deleted after the client left", lambda: client.instances.list() == [], timeout=30)
     assert not _alive(pid)
 
 
-def test_killed_qemu_reads_stopped_and_keeps_logs(client: UnikClient, daemon: Daemon) -> None:
-    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+def test_killed_qemu_reads_stopped_and_keeps_logs(backend: Backend) -> None:
+    client = backend.client
+    client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", backend.provider)
     instance = client.instances.run("victim", "hello")
     wait_for("the app", lambda: "tick 1" in client.instances.logs("victim"))
-    os.kill(qemu_pid(daemon.data_dir, instance.Id), signal.SIGKILL)
+    os.kill(backend.vm_pid(instance.Id), signal.SIGKILL)
     wait_for("state stopped", lambda: state(client, "victim") == "stopped", timeout=10)
     assert "tick 1" in client.instances.logs("victim")
     client.instances.start("victim")
@@ -122,11 +129,12 @@ def test_killed_qemu_reads_stopped_and_keeps_logs(client: UnikClient, daemon: Da
     client.instances.delete("victim", force=True)
 
 
-def test_daemon_restart_readopts_running_vm(client: UnikClient, daemon: Daemon) -> None:
-    image = client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", "qemu")
+def test_daemon_restart_readopts_running_vm(backend: Backend) -> None:
+    client, daemon = backend.client, backend.daemon
+    image = client.images.build("hello", EXAMPLES / "c-hello", "linux", "c", backend.provider)
     instance = client.instances.run("survivor", "hello", env={"GREETING": "still here"})
     wait_for("the app", lambda: "tick 1" in client.instances.logs("survivor"))
-    pid = qemu_pid(daemon.data_dir, instance.Id)
+    pid = backend.vm_pid(instance.Id)
 
     daemon.kill()  # kill -9: no chance to tidy up
     assert _alive(pid), "the VM must outlive the daemon"

@@ -74,6 +74,8 @@ class AwsProvider(Provider):
         self._poller: asyncio.Task[None] | None = None
         self._console_at: dict[str, float] = {}
         self._zone: str | None = config.availability_zone
+        # When _find last saw each instance: a describe-all that began before must not drop it.
+        self._found_at: dict[str, float] = {}
         self.pending_uploads = self.root / "uploads"
         delete_unfinished(self.ec2, self.pending_uploads)
 
@@ -366,11 +368,13 @@ class AwsProvider(Provider):
             return None
         found.sort(key=lambda i: (i["State"]["Name"] != "terminated", str(i.get("LaunchTime", ""))))
         self._instances[instance_id] = found[-1]
+        self._found_at[instance_id] = time.monotonic()
         return found[-1]
 
     @aws_errors
     def _describe_all(self) -> None:
         """One paginated call for all of them: what alive() and the monitor read."""
+        began = time.monotonic()
         seen: dict[str, dict[str, Any]] = {}
         for page in self.ec2.get_paginator("describe_instances").paginate(Filters=self._filters()):
             for reservation in page["Reservations"]:
@@ -386,6 +390,9 @@ class AwsProvider(Provider):
                 # Ended outside the daemon (or by EC2 itself): the log says why, as EC2 does.
                 reason = instance.get("StateReason", {}).get("Message") or instance.get("StateTransitionReason", "")
                 log.info("EC2 instance %s of %s is %s: %s", instance["InstanceId"], unik_id, now, reason or "no reason")
+        for unik_id, instance in self._instances.items():
+            if unik_id not in seen and self._found_at.get(unik_id, 0.0) > began:
+                seen[unik_id] = instance  # found by a launch while this call was on its way
         self._instances = seen
         self._described_at = time.monotonic()
 

@@ -71,6 +71,8 @@ class LibvirtProvider(Provider):
         self._polled = False
         self._poller: asyncio.Task[None] | None = None
         self._consoles: dict[str, threading.Thread] = {}
+        # When each instance was last launched: a poll that began before must not forget it.
+        self._launched: dict[str, float] = {}
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -159,7 +161,6 @@ class LibvirtProvider(Provider):
             pool.create(0)
         return pool
 
-
     def forget_image(self, image_id: str, meta: ImageMeta) -> None:
         for uri in self.config.hosts:
             try:
@@ -221,6 +222,7 @@ class LibvirtProvider(Provider):
             log.warning("instance %s waits for gdb: target remote %s:%s", instance_id, self.address_of(instance_id),
                         gdb_port)  # fmt: skip
         self._domains[instance_id] = (host, libvirt.VIR_DOMAIN_RUNNING, spec.memory_mb)
+        self._launched[instance_id] = time.monotonic()
         self._ensure_poller()
         return False
 
@@ -251,7 +253,6 @@ class LibvirtProvider(Provider):
         if previous in fits:
             return previous  # type: ignore[return-value]
         return max(fits, key=lambda uri: fits[uri])
-
 
     async def stop(self, instance_id: str) -> None:
         host = self.host_of(instance_id)
@@ -300,7 +301,6 @@ class LibvirtProvider(Provider):
         if not keep_files:
             await asyncio.to_thread(shutil.rmtree, self._folder(instance_id), True)
 
-
     # -- volumes: on the instance's host while it runs, back in the daemon's file after ---------
 
     def _attached(self, instance_id: str) -> list[VolumeAttachment]:
@@ -312,7 +312,6 @@ class LibvirtProvider(Provider):
     def _set_attached(self, instance_id: str, volumes: list[VolumeAttachment]) -> None:
         listed = json.dumps([v.model_dump(mode="json") for v in volumes])
         (self._folder(instance_id) / "volumes.json").write_text(listed)
-
 
     async def _bring_back_volumes(self, host: str, instance_id: str) -> None:
         volumes = self._attached(instance_id)
@@ -383,7 +382,6 @@ class LibvirtProvider(Provider):
             raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
         raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
 
-
     def _follow_console(self, instance_id: str, conn: Any, domain: Any) -> None:
         path = self.console_path(instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +410,7 @@ class LibvirtProvider(Provider):
         return folders | set(self._domains)
 
     def _poll_once(self) -> None:
+        began = time.monotonic()
         seen: dict[str, tuple[str, int, int]] = {}
         for uri in self.config.hosts:
             try:
@@ -422,6 +421,9 @@ class LibvirtProvider(Provider):
                     log.warning("libvirt host %s is unreachable: %s", uri, exc)
                 self._down[uri] = str(exc)
                 # Its instances are not known to run: they read stopped until it answers again.
+        for instance_id, entry in self._domains.items():
+            if instance_id not in seen and self._launched.get(instance_id, 0.0) > began:
+                seen[instance_id] = entry  # launched while this poll listed its host
         self._domains = seen
         self._polled = True
 

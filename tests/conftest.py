@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import signal
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -19,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from unik.client import UnikClient
+from unik.guest import CpioWriter
 from unik.models import ImageMeta, InstanceMeta, LaunchSpec, VolumeMeta
 from unik.providers.network import free_port
 from unik.services import Services
@@ -92,6 +94,20 @@ def folder_tar_gz(folder: Path) -> bytes:
 @pytest.fixture
 def hello_tgz() -> bytes:
     return folder_tar_gz(EXAMPLES / "c-hello")
+
+
+def static_init_initrd(work: Path, source: str) -> Path:
+    """`work/initrd`: an initramfs whose /init is the C program `source`, built static with musl."""
+    (work / "init.c").write_text(source)
+    subprocess.run(["musl-gcc", "-static", "-Os", "-s", "-o", work / "init", work / "init.c"], check=True)
+    initrd = work / "initrd"
+    with open(initrd, "wb") as f:
+        cpio = CpioWriter(f)
+        cpio.add_dir("/dev")
+        cpio.add_char_device("/dev/console", 5, 1)
+        cpio.add_file("/init", work / "init", 0o755)
+        cpio.close()
+    return initrd
 
 
 def wait_for_log(client: UnikClient, instance: str, text: str, timeout: float) -> str:

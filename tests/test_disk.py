@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_vm
+from tests.conftest import requires_vm, static_init_initrd
 from unik.artifacts import disk
 from unik.artifacts.disk import FORMATS, DiskToolError, build_raw_disk, convert_disk, missing_disk_tools
-from unik.guest import CpioWriter
 from unik.kernel import BOOT_ARGS, Kernel, default_kernel_root, load
 from unik.models import DISK_FORMATS
 
@@ -147,15 +146,7 @@ def raw_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except FileNotFoundError as exc:
         pytest.skip(f"no cloud kernel: {exc}")
     work = tmp_path_factory.mktemp("disk")
-    (work / "init.c").write_text(INIT_SOURCE)
-    subprocess.run(["musl-gcc", "-static", "-Os", "-s", "-o", work / "init", work / "init.c"], check=True)
-    initrd = work / "initrd"
-    with open(initrd, "wb") as f:
-        cpio = CpioWriter(f)
-        cpio.add_dir("/dev")
-        cpio.add_char_device("/dev/console", 5, 1)
-        cpio.add_file("/init", work / "init", 0o755)
-        cpio.close()
+    initrd = static_init_initrd(work, INIT_SOURCE)
     out = work / "disk.raw"
     started = time.perf_counter()
     build_raw_disk(kernel.bzimage, initrd, " ".join(BOOT_ARGS), out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import requires_vm
-from unik.guest import CpioWriter
+from tests.conftest import requires_vm, static_init_initrd
 from unik.kernel import BOOT_ARGS, default_kernel_root, load
 from unik.testing import LIBVIRT_SYSTEM_DIRS, LibvirtHost, libvirt_missing
 
@@ -131,17 +129,7 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initramfs whose init prints BOOT_LINE and sleeps."""
     if shutil.which("musl-gcc") is None:
         pytest.skip("musl-gcc is not installed (apt-get install -y musl-tools)")
-    work = tmp_path_factory.mktemp("libvirt-initrd")
-    (work / "init.c").write_text(INIT_SOURCE)
-    subprocess.run(["musl-gcc", "-static", "-Os", "-s", "-o", work / "init", work / "init.c"], check=True)
-    path = work / "initrd"
-    with open(path, "wb") as f:
-        cpio = CpioWriter(f)
-        cpio.add_dir("/dev")
-        cpio.add_char_device("/dev/console", 5, 1)
-        cpio.add_file("/init", work / "init", 0o755)
-        cpio.close()
-    return path
+    return static_init_initrd(tmp_path_factory.mktemp("libvirt-initrd"), INIT_SOURCE)
 
 
 def domain_xml(name: str, initrd: Path) -> str:

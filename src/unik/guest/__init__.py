@@ -61,6 +61,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from unik.errors import BadRequest, Conflict
+
 __all__ = [
     "DHCP",
     "DHCP_IMDS",
@@ -68,6 +70,7 @@ __all__ = [
     "FW_CFG_RUN_ARCHIVE",
     "CpioWriter",
     "assemble_initrd",
+    "check_control_answer",
     "ensure_init_binary",
     "guest_fs_type",
     "run_config_cpio",
@@ -354,6 +357,17 @@ def run_config_cpio(
             w.add_file("etc/resolv.conf", f"nameserver {net['dns']}\n".encode())
     w.close()
     return buf.getvalue()
+
+
+def check_control_answer(command: str, answer: str) -> None:
+    """A control-channel answer (init.c's `TAG ok` / `TAG err WHY`, after the tag) as the
+    daemon's errors: a busy unmount is a Conflict, any other refusal a BadRequest."""
+    if answer == "ok":
+        return
+    why = answer.removeprefix("err ").strip() or "no answer (is the guest still booting?)"
+    if why.startswith("busy"):
+        raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
+    raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
 
 
 def guest_fs_type(fs_type: str) -> str:

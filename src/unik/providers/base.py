@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,16 @@ class ProviderContext:
 
     data_dir: Path
     artifacts: ArtifactStore
+
+
+def daemon_id(folder: Path) -> str:
+    """This daemon's id in `folder` (made the first time): what tags the resources it makes on
+    infrastructure other daemons may share (EC2 instances, libvirt domains)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "daemon-id"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex + "\n")
+    return id_file.read_text().strip()
 
 
 class Provider(ABC):

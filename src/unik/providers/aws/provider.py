@@ -19,7 +19,7 @@ import logging
 import math
 import shutil
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from unik.models import ImageMeta, VolumeAttachment, VolumeMeta
 from unik.providers.aws.config import AwsProviderConfig
 from unik.providers.aws.ebs import GIB, delete_unfinished, upload_snapshot
 from unik.providers.aws.errors import aws_errors, translate
-from unik.providers.base import LaunchSpec, Provider, ProviderConfig, ProviderContext
+from unik.providers.base import LaunchSpec, Provider, ProviderConfig, ProviderContext, daemon_id
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,8 @@ class AwsProvider(Provider):
         super().__init__(config, context)
         self.root = context.data_dir / "aws"
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
-        id_file = self.root / "daemon-id"
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex + "\n")
         # Which instances are this daemon's: two daemons may share an account.
-        self.daemon_id = id_file.read_text().strip()
+        self.daemon_id = daemon_id(self.root)
         # Credentials come from boto3's own chain, never from the daemon's config or store.
         session = boto3.session.Session(region_name=config.region)
         self.ec2 = session.client("ec2", endpoint_url=config.endpoint_url, config=BOTO_CONFIG)
@@ -161,14 +158,19 @@ class AwsProvider(Provider):
         return str(response["ImageId"])
 
     def forget_image(self, image_id: str, meta: ImageMeta) -> None:
-        ami, snapshot = meta.provider_data.get("ami"), meta.provider_data.get("snapshot")
-        try:
-            if ami:
-                self.ec2.deregister_image(ImageId=ami)
-            if snapshot:
-                self.ec2.delete_snapshot(SnapshotId=snapshot)
-        except Exception as exc:
-            log.warning("image %s: AMI %s or snapshot %s not removed: %s", image_id, ami, snapshot, exc)
+        data = meta.provider_data
+        self._delete_quietly(f"image {image_id}", (self.ec2.deregister_image, "ImageId", data.get("ami")),
+                             (self.ec2.delete_snapshot, "SnapshotId", data.get("snapshot")))  # fmt: skip
+
+    @staticmethod
+    def _delete_quietly(owner: str, *steps: tuple[Callable[..., Any], str, str | None]) -> None:
+        """Deletions nobody waits on (the record is gone): what fails is logged, not raised."""
+        for delete, key, value in steps:
+            if value:
+                try:
+                    delete(**{key: value})
+                except Exception as exc:
+                    log.warning("%s: %s %s not removed: %s", owner, key, value, exc)
 
     # -- instances ------------------------------------------------------------------------------
 
@@ -297,14 +299,9 @@ class AwsProvider(Provider):
         return {"volume": created["VolumeId"], "snapshot": snapshot}
 
     def forget_volume(self, volume_id: str, meta: VolumeMeta) -> None:
-        ebs_volume, snapshot = meta.provider_data.get("volume"), meta.provider_data.get("snapshot")
-        try:
-            if ebs_volume:
-                self.ec2.delete_volume(VolumeId=ebs_volume)
-            if snapshot:
-                self.ec2.delete_snapshot(SnapshotId=snapshot)
-        except Exception as exc:
-            log.warning("volume %s: EBS volume %s or snapshot %s not removed: %s", volume_id, ebs_volume, snapshot, exc)
+        data = meta.provider_data
+        self._delete_quietly(f"volume {volume_id}", (self.ec2.delete_volume, "VolumeId", data.get("volume")),
+                             (self.ec2.delete_snapshot, "SnapshotId", data.get("snapshot")))  # fmt: skip
 
     async def stop(self, instance_id: str) -> None:
         await asyncio.to_thread(self._stop, instance_id)

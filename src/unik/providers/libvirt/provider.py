@@ -18,7 +18,6 @@ import logging
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +31,7 @@ from unik.errors import BadGateway, BadRequest, Conflict, UnikError
 from unik.kernel import Kernel, default_kernel_root
 from unik.kernel import load as load_kernel
 from unik.models import ImageMeta, PortMapping, VolumeAttachment
-from unik.providers.base import Capability, LaunchSpec, Provider, ProviderConfig, ProviderContext
+from unik.providers.base import Capability, LaunchSpec, Provider, ProviderConfig, ProviderContext, daemon_id
 from unik.providers.libvirt.config import LibvirtProviderConfig
 from unik.providers.libvirt.domain import METADATA_NS, disk_xml, domain_xml, volume_name
 from unik.providers.libvirt.streams import download, exchange, follow_console, upload
@@ -59,10 +58,7 @@ class LibvirtProvider(Provider):
         super().__init__(config, context)
         self.root = context.data_dir / "libvirt"
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
-        id_file = self.root / "daemon-id"
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex + "\n")
-        self.daemon_id = id_file.read_text().strip()
+        self.daemon_id = daemon_id(self.root)
         self._connections: dict[str, Any] = {}
         self._lock = threading.Lock()
         # instance id -> (host, libvirt state, memory MB) of the daemon's domains, last polled.
@@ -375,12 +371,7 @@ class LibvirtProvider(Provider):
         answer = await self._call(
             host, lambda conn: exchange(conn, conn.lookupByName(f"unik-{instance_id}"), command)
         )
-        if answer == "ok":
-            return
-        why = answer.removeprefix("err ").strip() or "no answer"
-        if why.startswith("busy"):
-            raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
-        raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+        guest.check_control_answer(command, answer)
 
     def _follow_console(self, instance_id: str, conn: Any, domain: Any) -> None:
         path = self.console_path(instance_id)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
-from unik.errors import BadRequest, Conflict, UnikError
+from unik.errors import UnikError
+from unik.guest import check_control_answer
 from unik.providers.base import VolumeAttachment
 from unik.providers.qemu.options import Blockdev, Device
 
@@ -99,13 +100,7 @@ async def unplug_disk(socket: Path, name: str, volume: VolumeAttachment) -> None
 async def guest_control(socket: Path, command: str) -> None:
     """One request to the guest init over its control serial port: `TAG COMMAND` out,
     `TAG ok` or `TAG err WHY` back (lines with another tag are leftovers: skipped)."""
-    answer = await _exchange(socket, command)
-    if answer == "ok":
-        return
-    why = answer.removeprefix("err ").strip() or "no answer (is the guest still booting?)"
-    if why.startswith("busy"):
-        raise Conflict(f"the guest cannot unmount {command.split()[-1]}: {why}")
-    raise BadRequest(f"the guest refused {command.split()[0]!r}: {why}")
+    check_control_answer(command, await _exchange(socket, command))
 
 
 async def guest_ask(socket: Path, question: str) -> bool:

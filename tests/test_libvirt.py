@@ -176,3 +176,26 @@ def fetch(url: str) -> tuple[int, str]:
     except httpx.HTTPError:
         return 0, ""
     return response.status_code, response.text
+
+
+def test_domain_type_auto_probes_kvm_and_falls_back_to_qemu(
+    hosts: list[LibvirtHost],
+    data_dir: Path,
+    hello_tgz: bytes,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """This machine has no usable KVM (a host may still advertise it): the probe domain does
+    not boot under kvm, so the host runs qemu (TCG) domains."""
+    caplog.set_level("INFO", logger="unik.providers.libvirt.provider")
+    uri = hosts[0].uri
+    settings = f"hosts: ['{uri}'], pool_path: {POOL_PATH}, domain_type: auto, probe_timeout: 5"
+    (data_dir / "daemon-config.yaml").write_text(f"providers:\n  libvirt:\n    - {{{settings}}}\n")
+    with TestClient(build_app(data_dir), raise_server_exceptions=False) as api:
+        built = api.post("/images/hello/create?base=linux&lang=c&provider=libvirt",
+                         files={"tarfile": ("a.tgz", hello_tgz)})  # fmt: skip
+        assert built.status_code == 201, built.text
+        body = {"InstanceName": "t", "ImageName": "hello", "Env": {"GREETING": "tcg"}}
+        assert api.post("/instances/run", json=body).status_code == 201
+        assert f"libvirt host {uri} runs domains of type qemu" in caplog.text
+        eventually(lambda: "hello from unik: tcg" in logs(api, "t"))
+        assert api.delete("/instances/t?force=true").status_code == 204

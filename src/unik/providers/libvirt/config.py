@@ -12,8 +12,10 @@ from unik.providers.base import ProviderConfig
 class LibvirtProviderConfig(ProviderConfig):
     # libvirt URIs: qemu:///system, qemu+tcp://host/system, qemu+libssh://root@host/system?keyfile=...
     hosts: list[str] = Field(default_factory=lambda: ["qemu:///system"], min_length=1)
-    # "kvm" only where it really runs (a host without VT-x advertises it and hangs).
-    domain_type: Literal["qemu", "kvm"] = "qemu"
+    # "kvm" only where it really runs (a host without VT-x may advertise it, and hang); "auto":
+    # kvm on each host where a probe domain boots under it within probe_timeout, else qemu.
+    domain_type: Literal["qemu", "kvm", "auto"] = "qemu"
+    probe_timeout: float = Field(default=20.0, gt=0)
     # A `dir` storage pool on each host holding the images' and instances' boot files; made
     # (at pool_path) when the host has none of that name.
     pool: str = "unik"

@@ -43,8 +43,25 @@ def network_xml(config: LibvirtProviderConfig, spec: LaunchSpec, gdb_port: int |
     return device, f"<qemu:commandline>{commandline}</qemu:commandline>" if args else ""
 
 
+def kernel_cmdline(domain_type: str) -> str:
+    # Under TCG: no APIC timer calibration, no PM timer check (kernel/boot.py says why).
+    return " ".join([*BOOT_ARGS, "noapictimer", "pmtmr=0"] if domain_type == "qemu" else BOOT_ARGS)
+
+
+def probe_xml(name: str, domain_type: str, kernel: str, initrd: str) -> str:
+    """The smallest domain that shows whether `domain_type` boots on a host: the guest init
+    alone, which prints its exit line when it finds no app."""
+    return f"""<domain type='{domain_type}'><name>{escape(name)}</name><memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><kernel>{escape(kernel)}</kernel>
+  <initrd>{escape(initrd)}</initrd><cmdline>{escape(kernel_cmdline(domain_type))}</cmdline></os>
+  <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
+  <devices><serial type='pty'><target port='0'/></serial><console type='pty'><target type='serial' port='0'/>
+  </console><memballoon model='none'/></devices></domain>"""
+
+
 def domain_xml(
     config: LibvirtProviderConfig,
+    domain_type: str,
     daemon_id: str,
     instance_id: str,
     spec: LaunchSpec,
@@ -54,9 +71,8 @@ def domain_xml(
 ) -> str:
     """`paths` names the host's files of the kernel, the initrd and the run archive."""
     interface, commandline = network_xml(config, spec, gdb_port)
-    # Under TCG: no APIC timer calibration, no PM timer check (kernel/boot.py says why).
-    cmdline = " ".join([*BOOT_ARGS, "noapictimer", "pmtmr=0"] if config.domain_type == "qemu" else BOOT_ARGS)
-    return f"""<domain type='{config.domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+    cmdline = kernel_cmdline(domain_type)
+    return f"""<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>unik-{instance_id}</name>
   <uuid>{uuid.UUID(instance_id)}</uuid>
   <metadata><unik:instance xmlns:unik='{METADATA_NS}' id='{instance_id}' image='{spec.image_id}'

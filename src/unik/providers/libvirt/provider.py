@@ -18,6 +18,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,11 +34,14 @@ from unik.kernel import load as load_kernel
 from unik.models import ImageMeta, PortMapping, VolumeAttachment
 from unik.providers.base import Capability, LaunchSpec, Provider, ProviderConfig, ProviderContext, daemon_id
 from unik.providers.libvirt.config import LibvirtProviderConfig
-from unik.providers.libvirt.domain import METADATA_NS, disk_xml, domain_xml, volume_name
+from unik.providers.libvirt.domain import METADATA_NS, disk_xml, domain_xml, probe_xml, volume_name
 from unik.providers.libvirt.streams import download, exchange, follow_console, upload
 from unik.providers.network import USER_GUEST, free_port
 
 log = logging.getLogger(__name__)
+# libvirt prints every error to stderr before raising it, lookups that miss included: the
+# exceptions carry them, so the daemon's log says only what matters.
+libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
 
 T = TypeVar("T")
 # Linux key codes for send-key: Ctrl-Alt-Del is SIGINT for the guest init (a graceful stop).
@@ -69,6 +73,8 @@ class LibvirtProvider(Provider):
         self._consoles: dict[str, threading.Thread] = {}
         # When each instance was last launched: a poll that began before must not forget it.
         self._launched: dict[str, float] = {}
+        # Per host, the domain type `auto` chose.
+        self._types: dict[str, str] = {}
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -136,11 +142,56 @@ class LibvirtProvider(Provider):
                 self._connections.pop(uri, None)
             raise BadGateway(f"libvirt host {uri}: {exc.get_error_message()}") from exc
 
-    async def _call(self, uri: str, work: Callable[[Any], T]) -> T:
+    async def _call(self, uri: str, work: Callable[[Any], T], *, extra: float = 0.0) -> T:
+        timeout = self.config.call_timeout + extra
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._run, uri, work), self.config.call_timeout)
+            return await asyncio.wait_for(asyncio.to_thread(self._run, uri, work), timeout)
         except TimeoutError:
-            raise BadGateway(f"libvirt host {uri} did not answer within {self.config.call_timeout:.0f} s") from None
+            raise BadGateway(f"libvirt host {uri} did not answer within {timeout:.0f} s") from None
+
+    # -- the domain type: kvm where a probe boots under it ----------------------------------------
+
+    async def _domain_type(self, host: str) -> str:
+        if self.config.domain_type != "auto":
+            return self.config.domain_type
+        if host not in self._types:
+            chosen = await self._call(host, self._probe, extra=self.config.probe_timeout)
+            log.info("libvirt host %s runs domains of type %s", host, chosen)
+            self._types[host] = chosen
+        return self._types[host]
+
+    def _probe(self, conn: Any) -> str:
+        """kvm if the host offers it and a probe domain (the guest init, no app) prints its exit
+        line under it in time: a host without VT-x may advertise kvm and then hang."""
+        if "<domain type='kvm'" not in conn.getCapabilities():
+            return "qemu"
+        initrd = self.root / "probe-initrd"
+        if not initrd.exists():
+            empty = self.root / "probe-app"
+            empty.mkdir(exist_ok=True)
+            guest.assemble_initrd(initrd, init_binary=guest.ensure_init_binary(self.root / "init"), app_root=empty,
+                                  entrypoint=["/unik/app"], args=[], env={}, modules=[])  # fmt: skip
+        pool = self._pool(conn)
+        xml = probe_xml(f"unik-probe-{uuid.uuid4().hex[:8]}", "kvm", upload(conn, pool, "probe-kernel",
+                        self.kernel().vmlinux), upload(conn, pool, "probe-initrd", initrd))  # fmt: skip
+        console = self.root / f"probe-{uuid.uuid4().hex[:8]}.log"
+        try:
+            domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError:
+            return "qemu"
+        try:
+            follow_console(conn, domain, console, lambda: None)
+            domain.resume()
+            deadline = time.monotonic() + self.config.probe_timeout
+            while time.monotonic() < deadline:
+                if console.exists() and guest.EXIT_LINE.search(console.read_bytes()):
+                    return "kvm"
+                time.sleep(0.1)
+            return "qemu"
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()
+            console.unlink(missing_ok=True)
 
     # -- images: kernel and initrd, uploaded once per host ---------------------------------------
 
@@ -185,6 +236,7 @@ class LibvirtProvider(Provider):
             net=dict(USER_GUEST), mounts=[(v.serial, v.mount, guest.guest_fs_type(v.fs_type)) for v in spec.volumes],
         )  # fmt: skip
         gdb_port = free_port() if spec.debug_mode else None
+        domain_type = await self._domain_type(host)
         folder = self._folder(instance_id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "host").write_text(host + "\n")
@@ -198,7 +250,7 @@ class LibvirtProvider(Provider):
             # A volume's data goes to the host for as long as the instance runs there.
             disks = [disk_xml(v, upload(conn, self._pool(conn), volume_name(v), Path(v.path), replace=True), i)
                      for i, v in enumerate(spec.volumes)]  # fmt: skip
-            xml = domain_xml(self.config, self.daemon_id, instance_id, spec, paths, disks, gdb_port)
+            xml = domain_xml(self.config, domain_type, self.daemon_id, instance_id, spec, paths, disks, gdb_port)
             # Paused until its console is read: the guest's first lines are not lost.
             try:
                 domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)

@@ -199,3 +199,32 @@ def test_domain_type_auto_probes_kvm_and_falls_back_to_qemu(
         assert f"libvirt host {uri} runs domains of type qemu" in caplog.text
         eventually(lambda: "hello from unik: tcg" in logs(api, "t"))
         assert api.delete("/instances/t?force=true").status_code == 204
+
+
+def test_a_domain_no_record_names_is_removed_at_start(
+    hosts: list[LibvirtHost],
+    data_dir: Path,
+    hello_tgz: bytes,  # noqa: F811
+) -> None:
+    """As on qemu: a record lost (a store restored from a backup) must not leave its domain
+    running unseen on a host for good."""
+    with libvirt_daemon(data_dir, hosts[:1]) as api:
+        built = api.post("/images/hello/create?base=linux&lang=c&provider=libvirt",
+                         files={"tarfile": ("a.tgz", hello_tgz)})  # fmt: skip
+        assert built.status_code == 201, built.text
+        kept = api.post("/instances/run", json={"InstanceName": "kept", "ImageName": "hello"}).json()
+        lost = api.post("/instances/run", json={"InstanceName": "lost", "ImageName": "hello"}).json()
+        services_of(api).ctx.store.instances.delete(lost["Id"])  # the record goes, the domain runs on
+
+    with libvirt_daemon(data_dir, hosts[:1]) as api:
+        assert [i["Name"] for i in api.get("/instances").json()] == ["kept"]
+        eventually(lambda: domain_names(hosts[0]) == {f"unik-{kept['Id']}"})
+        assert api.delete("/instances/kept?force=true").status_code == 204
+
+
+def domain_names(host: LibvirtHost) -> set[str]:
+    conn = libvirt.open(host.uri)
+    try:
+        return {d.name() for d in conn.listAllDomains(0)}
+    finally:
+        conn.close()
